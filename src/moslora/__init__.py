@@ -1,0 +1,25 @@
+"""moslora: Mixture of Shards (MoS), LoRA with global shard pools (arXiv 2410.00938).
+
+    from moslora import MoSConfig, get_mos_model, MoSModel, export_peft_lora
+"""
+
+from .checkpoint import CheckpointError, export_peft_lora
+from .config import MoSConfig, PoolPlan, solve_pools
+from .layer import MoSLinear
+from .model import MoSModel, ParameterReport, get_mos_model
+from .pools import ShardPools
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "MoSConfig",
+    "MoSLinear",
+    "MoSModel",
+    "ParameterReport",
+    "PoolPlan",
+    "ShardPools",
+    "export_peft_lora",
+    "get_mos_model",
+    "solve_pools",
+]

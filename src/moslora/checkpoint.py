@@ -1,0 +1,267 @@
+"""Compact MoS checkpoints (save, validated load) and export to the standard PEFT LoRA format.
+
+An MoS adapter directory holds
+
+- ``adapter_config.json``: format and version, the ``MoSConfig``, the base model fingerprint
+  (architecture, targeted layer names and shapes), the kinds, and the weights' SHA-256;
+- ``adapter_model.safetensors``: per kind ``pool_A``, ``pool_B``, ``private_A``,
+  ``private_B``, ``index_A``, ``index_B`` (the compact form, never dense A/B).
+
+Writes go through ``atomic_directory``; loads check every field before touching the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .atomic import atomic_directory
+from .config import MoSConfig, solve_pools
+from .layer import MoSLinear, is_supported
+from .model import MoSModel, fingerprint, find_targets, group_kinds
+from .pools import ShardPools, kind_generator
+
+FORMAT = "moslora"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """An adapter directory that cannot be loaded: corrupt, mismatched or from another format."""
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_adapter(model: MoSModel, path: str | Path) -> None:
+    """Write ``model``'s adapter (pools, private segments, indices) to ``path`` atomically."""
+    tensors = {k: _compact(v.detach()).contiguous().cpu() for k, v in model.mos_pools.state_dict().items()}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.mos_config.to_dict(),
+        "base_fingerprint": model.base_fingerprint,
+        "kinds": {
+            k.key: {"pattern": k.pattern, "d_in": k.d_in, "d_out": k.d_out, "layers": list(k.layers)}
+            for k in model.kinds
+        },
+    }
+    with atomic_directory(path) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "moslora": "1"})
+        header["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(header, indent=2))
+
+
+def _compact(tensor: Tensor) -> Tensor:
+    """Routing indices in the narrowest integer type that holds them (they are most of an
+    adapter's non-parameter bytes); parameters as they are."""
+    if tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    return tensor.to(torch.int16 if int(tensor.max()) < 2**15 else torch.int32)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` of an MoS adapter directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} does not exist")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is missing {name}; is this an adapter saved by moslora?")
+    try:
+        header = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path / CONFIG_NAME} must hold a JSON object")
+    if header.get("format") != FORMAT:
+        hint = " (a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in header else ""
+        raise CheckpointError(f"{path} is not a moslora adapter{hint}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {header.get('format_version')!r}; this moslora reads "
+            f"format_version {FORMAT_VERSION}: upgrade moslora or re-save the adapter"
+        )
+    for key in ("config", "base_fingerprint", "weights_sha256"):
+        if key not in header:
+            raise CheckpointError(f"{path / CONFIG_NAME} lacks the field {key!r}; the file is corrupt")
+    return header
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> MoSModel:
+    """Validate the adapter at ``path`` against ``base_model``, then attach it.
+
+    Raises ``FileNotFoundError`` for missing files and ``CheckpointError`` for anything
+    corrupt, truncated, of another format version, of wrong shape or for a different base.
+    The base model is modified only once every check has passed.
+    """
+    path = Path(path)
+    header = read_adapter_config(path)
+    try:
+        config = MoSConfig.from_dict(header["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME} holds an invalid config: {err}") from None
+    if _sha256(path / WEIGHTS_NAME) != header["weights_sha256"]:
+        raise CheckpointError(
+            f"{path / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the weights "
+            "are corrupt, truncated or from another save"
+        )
+    try:
+        kinds = group_kinds(base_model, find_targets(base_model, config.target_modules))
+    except ValueError as err:
+        raise CheckpointError(f"adapter {path} does not fit this base model: {err}") from None
+    _check_fingerprint(header["base_fingerprint"], fingerprint(base_model, kinds), path)
+    try:
+        tensors = load_file(path / WEIGHTS_NAME)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt") from None
+    expected: dict[str, Tensor] = {}
+    for kind in kinds:
+        plan = solve_pools(config, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
+        pools = ShardPools(plan, config, kind_generator(config.seed, kind.key))
+        _check_index_range(tensors, kind.key, plan.shards, path)
+        expected.update({f"{kind.key}.{k}": v for k, v in pools.state_dict().items()})
+    state = _checked_state(tensors, expected, path)
+    model = MoSModel(base_model, config)
+    model.mos_pools.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path) -> None:
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
+        raise CheckpointError(f"{path / CONFIG_NAME} has a malformed base_fingerprint")
+    if saved.get("architecture") != actual["architecture"]:
+        raise CheckpointError(
+            f"adapter {path} was saved for a {saved.get('architecture')} base, "
+            f"not this {actual['architecture']}"
+        )
+    ours, theirs = actual["layers"], saved["layers"]
+    problems = [f"{n}: not in this base" for n in theirs if n not in ours]
+    problems += [f"{n}: not in the adapter" for n in ours if n not in theirs]
+    problems += [
+        f"{n}: shape {ours[n]} here, {theirs[n]} in the adapter"
+        for n in ours
+        if n in theirs and list(theirs[n]) != list(ours[n])
+    ]
+    if problems:
+        raise CheckpointError(
+            f"adapter {path} was saved for a different base: " + "; ".join(problems[:5])
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+
+
+def _check_index_range(tensors: dict[str, Tensor], key: str, shards: int, path: Path) -> None:
+    for side in ("index_A", "index_B"):
+        index = tensors.get(f"{key}.{side}")
+        if index is None or index.numel() == 0:
+            continue  # missing keys are reported by _checked_state
+        if index.is_floating_point() or index.dtype == torch.bool:
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: {key}.{side} must be an integer tensor")
+        if int(index.min()) < 0 or int(index.max()) >= shards:
+            raise CheckpointError(
+                f"{path / WEIGHTS_NAME}: routing index {key}.{side} points outside its pool of "
+                f"{shards} shards"
+            )
+
+
+def _checked_state(tensors: dict[str, Tensor], expected: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path / WEIGHTS_NAME} does not match its config: missing {missing[:4]}, "
+            f"unexpected {extra[:4]}"
+        )
+    state = {}
+    for key, want in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{path / WEIGHTS_NAME}: {key} has shape {tuple(got.shape)}, expected "
+                f"{tuple(want.shape)} for this config and base"
+            )
+        if got.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} has dtype {got.dtype}, expected {want.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} holds NaN or Inf values")
+        state[key] = got.to(want.dtype)
+    return state
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Materialize every layer's ``A, B`` into a standard PEFT LoRA directory of rank ``r``.
+
+    The result loads with ``peft.PeftModel.from_pretrained(base, out_dir)`` (and so in vLLM,
+    LoRAX or TGI); it is dense, ``L · r · (d_in + d_out)`` per kind, so keep the MoS
+    directory as the compact copy. Returns ``out_dir``.
+    """
+    tensors: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, layer in model.mos_layers.items():
+            a, b = layer.factors()
+            a, b = (t.detach().to(dtype or t.dtype).contiguous().cpu() for t in (a, b))
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    cfg = model.mos_config
+    base_config = getattr(model.base_model, "config", None)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model.base_model),
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _peft_targets(model),
+        "fan_in_fan_out": all(isinstance(l.base_layer, Conv1D) for l in model.mos_layers.values()),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
+    return out_dir
+
+
+def _peft_targets(model: MoSModel) -> list[str]:
+    """Module-name suffixes when they select exactly the adapted layers (what vLLM expects),
+    else the full names."""
+    adapted = set(model.mos_layers)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = {
+        n
+        for n, m in model.base_model.named_modules()
+        if n.rsplit(".", 1)[-1] in suffixes and (isinstance(m, MoSLinear) or is_supported(m))
+    }
+    return suffixes if selected == adapted else sorted(adapted)
+
+
+def _task_type(base: nn.Module) -> str | None:
+    causal = type(base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return "CAUSAL_LM" if causal else None

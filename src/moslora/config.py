@@ -1,0 +1,217 @@
+"""MoSConfig: every knob of Mixture of Shards, validated at construction, and the budget solver.
+
+The solver answers one question per layer kind: given the LoRA budget rank `e`, the per-layer
+rank `r`, shards per vector `l` and private ranks `p`, how many shards must each public pool
+hold so that MoS costs no more trainable parameters than LoRA at rank `e`?
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+INIT_SCHEMES = ("kaiming", "gaussian")
+
+
+@dataclass
+class MoSConfig:
+    """Configuration of a Mixture-of-Shards adapter (DESIGN.md §1).
+
+    Args:
+        target_modules: which linear layers to adapt: a list of module-name suffixes
+            (``["q_proj", "v_proj"]``), a regex string matched against full module names, or
+            ``"all-linear"`` (every linear layer but the output head).
+        rank: per-layer rank ``r`` of the assembled ``A: (r, d_in)`` and ``B: (d_out, r)``.
+        budget_rank: LoRA rank ``e`` whose parameter count the adapter must not exceed.
+        shards_per_vector: ``l``; each rank vector is the concatenation of ``l`` shards
+            (vector sharding; 1 = off).
+        private_rank: ``p`` ranks per layer that are private to it (shard privatization; 0 = off).
+        subset_selection: each layer routes to its own random subset of the pool
+            (off = every layer uses the whole pool in the same order: pure sharing).
+        pair_dissociation: A and B shards are routed by independent indices
+            (off = one index routes both sides).
+        alpha: scaling numerator; the update is ``(alpha / rank) · B A``.
+        dropout: dropout on the adapter's input.
+        init: ``"kaiming"`` (LoRA's default for A) or ``"gaussian"`` (std 1/r).
+        seed: seeds routing indices and initialisation.
+    """
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = 16
+    budget_rank: int = 2
+    shards_per_vector: int = 1
+    private_rank: int = 0
+    subset_selection: bool = True
+    pair_dissociation: bool = True
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._validate_targets()
+        for name in ("rank", "budget_rank", "shards_per_vector"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("private_rank", self.private_rank, minimum=0)
+        _require_int("seed", self.seed, minimum=0)
+        if self.private_rank > self.rank:
+            raise ValueError(
+                f"private_rank={self.private_rank} exceeds rank={self.rank}: "
+                "set private_rank <= rank"
+            )
+        if self.private_rank > self.budget_rank:
+            raise ValueError(
+                f"private_rank={self.private_rank} exceeds budget_rank={self.budget_rank}: the "
+                "private segments alone would cost more than LoRA at the budget rank; "
+                "set private_rank <= budget_rank"
+            )
+        if self.private_rank == self.budget_rank and self.rank > self.private_rank:
+            raise ValueError(
+                f"private_rank={self.private_rank} uses the whole budget_rank={self.budget_rank}, "
+                f"leaving no budget for the public pools that rank={self.rank} needs: lower "
+                "private_rank, raise budget_rank, or set rank = private_rank"
+            )
+        for name in ("subset_selection", "pair_dissociation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        if not (self.alpha > 0 and self.alpha < float("inf")):
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+
+    def _validate_targets(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets == "all-linear":
+                return
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(
+                    f"target_modules={targets!r} is neither 'all-linear' nor a valid regex: {err}"
+                ) from None
+            return
+        if isinstance(targets, tuple):
+            self.target_modules = targets = list(targets)
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(
+                "target_modules must be a non-empty list of module-name suffixes, a regex string, "
+                f"or 'all-linear'; got {targets!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``alpha / rank`` applied to ``B A``."""
+        return self.alpha / self.rank
+
+    @property
+    def public_rank(self) -> int:
+        """Ranks per layer that are routed from the public pools: ``r - p``."""
+        return self.rank - self.private_rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoSConfig":
+        """Build a config from a dict, rejecting unknown keys by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoSConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def lora_equivalent(cls, rank: int, **kwargs: Any) -> "MoSConfig":
+        """The setting that reproduces plain LoRA at ``rank``: every rank private, no pools."""
+        return cls(rank=rank, budget_rank=rank, private_rank=rank, shards_per_vector=1, **kwargs)
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Solved sizes for one layer kind: ``L`` layers of shape ``d_in -> d_out``.
+
+    ``shards`` is the number of rows in each public pool (``n_A = n_B``); each shard of the A
+    pool has ``d_in / l`` entries and each of the B pool ``d_out / l``.
+    """
+
+    num_layers: int
+    d_in: int
+    d_out: int
+    rank: int
+    private_rank: int
+    shards_per_vector: int
+    budget_rank: int
+    shards: int
+    note: str = ""
+
+    @property
+    def shard_dims(self) -> tuple[int, int]:
+        return self.d_in // self.shards_per_vector, self.d_out // self.shards_per_vector
+
+    @property
+    def private_params(self) -> int:
+        return self.num_layers * self.private_rank * (self.d_in + self.d_out)
+
+    @property
+    def public_params(self) -> int:
+        a, b = self.shard_dims
+        return self.shards * (a + b)
+
+    @property
+    def total_params(self) -> int:
+        return self.private_params + self.public_params
+
+    def lora_params(self, rank: int) -> int:
+        """Parameters of plain LoRA at ``rank`` on this kind."""
+        return self.num_layers * rank * (self.d_in + self.d_out)
+
+
+def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: str = "") -> PoolPlan:
+    """Size the public pools of one layer kind so MoS costs at most LoRA at ``budget_rank``.
+
+    With subset selection, the pools get exactly the budget left after the private segments:
+    ``n = (e - p) · L · l`` shards per side. Without it every layer uses the whole pool in
+    the same order, so the pool holds just one layer's ``(r - p) · l`` shards per side.
+    Raises ``ValueError`` naming the knob to change when the budget cannot be met.
+    """
+    e, r, p, l = cfg.budget_rank, cfg.rank, cfg.private_rank, cfg.shards_per_vector
+    where = f" for {kind}" if kind else ""
+    for side, dim in (("d_in", d_in), ("d_out", d_out)):
+        if dim % l:
+            raise ValueError(
+                f"shards_per_vector={l} does not divide {side}={dim}{where}: "
+                f"choose a shards_per_vector that divides both d_in={d_in} and d_out={d_out}"
+            )
+    max_rank = p + (e - p) * num_layers
+    if r > max_rank:
+        raise ValueError(
+            f"rank={r} cannot be met{where}: {num_layers} layer(s) at budget_rank={e} with "
+            f"private_rank={p} leave {(e - p) * num_layers} public rank(s) in the pool, and a "
+            f"layer needs rank - private_rank = {r - p} distinct ones; the largest rank that "
+            f"fits is {max_rank} (or raise budget_rank)"
+        )
+    if cfg.subset_selection:
+        shards, note = (e - p) * num_layers * l, ""
+    else:
+        shards = (r - p) * l
+        note = (
+            "subset selection off: all layers share one pool of (r - p)·l shards"
+            if shards < (e - p) * num_layers * l
+            else ""
+        )
+    return PoolPlan(num_layers, d_in, d_out, r, p, l, e, shards, note)

@@ -1,0 +1,158 @@
+"""MoSLinear: a frozen linear layer plus its MoS update ``(alpha/r) · B A``.
+
+Wraps ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored ``(d_in, d_out)``) and
+bitsandbytes' ``Linear4bit`` (NF4/FP4; merge = dequantize, add, requantize).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .pools import ShardPools
+
+SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, Conv1D)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether MoS can wrap this module (Linear4bit subclasses nn.Linear)."""
+    return isinstance(module, SUPPORTED_LAYERS)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a supported layer."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(
+        f"MoS adapts nn.Linear, transformers Conv1D and bitsandbytes Linear4bit; "
+        f"got {type(module).__name__}"
+    )
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    # a 4-bit layer can only exist if bitsandbytes was imported, so never import it here
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The layer's weight as a dense ``(d_out, d_in)`` tensor (dequantized for 4-bit)."""
+    if _is_4bit(module):
+        w = module.weight
+        return sys.modules["bitsandbytes"].functional.dequantize_4bit(w.data, w.quant_state)
+    w = module.weight.data
+    return w.T if isinstance(module, Conv1D) else w
+
+
+def _set_dense_weight(module: nn.Module, weight: Tensor) -> float:
+    """Write a dense ``(d_out, d_in)`` weight back; returns the max abs storage error."""
+    if _is_4bit(module):
+        old = module.weight
+        new = sys.modules["bitsandbytes"].nn.Params4bit(
+            weight.to("cpu", old.quant_state.dtype),
+            requires_grad=False,
+            quant_type=old.quant_type,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_storage=old.quant_storage,
+        ).to(old.device)
+        module.weight = new
+        return (dense_weight(module).float() - weight.float()).abs().max().item()
+    target = module.weight.data
+    target.copy_(weight.T if isinstance(module, Conv1D) else weight)
+    return (dense_weight(module).float() - weight.float()).abs().max().item()
+
+
+class MoSLinear(nn.Module):
+    """``y = base(x) + (alpha/r) · B (A dropout(x))`` with ``A, B`` assembled from shard pools.
+
+    The pools are shared by every layer of a kind and registered once, on the ``MoSModel``;
+    this layer only keeps a reference and its ``layer_idx`` within the kind.
+
+    Args:
+        base_layer: the frozen layer being adapted.
+        pools: the ``ShardPools`` of this layer's kind.
+        layer_idx: position of this layer within its kind.
+        scaling: ``alpha / r``.
+        dropout: dropout probability on the adapter's input.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        pools: ShardPools,
+        layer_idx: int,
+        scaling: float,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.d_in, self.d_out = linear_shape(base_layer)
+        if (pools.plan.d_in, pools.plan.d_out) != (self.d_in, self.d_out):
+            raise ValueError(
+                f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "
+                f"layer is {self.d_in}->{self.d_out}"
+            )
+        self._pools = (pools,)  # a tuple, so nn.Module does not register it a second time
+        self.layer_idx = layer_idx
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.merge_error = 0.0
+
+    @property
+    def pools(self) -> ShardPools:
+        return self._pools[0]
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """This layer's ``A: (r, d_in)`` and ``B: (d_out, r)``."""
+        return self.pools.factors(self.layer_idx)
+
+    def delta_weight(self) -> Tensor:
+        """The dense update ``(alpha/r) · B A``: ``(d_out, d_in)``."""
+        a, b = self.factors()
+        return (b @ a) * self.scaling
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``x: (..., d_in) -> (..., d_out)``."""
+        y = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return y
+        a, b = self.factors()
+        h = self.dropout(x).to(a.dtype)
+        return y + (F.linear(F.linear(h, a), b) * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight: ``W += (alpha/r) B A``."""
+        if self.merged:
+            warnings.warn("MoSLinear.merge(): already merged; nothing done", stacklevel=2)
+            return
+        self._add_delta(sign=1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()``: ``W -= (alpha/r) B A`` (exact up to float rounding; lossy for 4-bit)."""
+        if not self.merged:
+            warnings.warn("MoSLinear.unmerge(): not merged; nothing done", stacklevel=2)
+            return
+        self._add_delta(sign=-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        weight = dense_weight(self.base_layer)
+        updated = weight.float() + sign * self.delta_weight().float().to(weight.device)
+        self.merge_error = _set_dense_weight(self.base_layer, updated.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, scaling={self.scaling:g}, merged={self.merged}"

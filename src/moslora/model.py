@@ -1,0 +1,315 @@
+"""Model injection: find target layers, group them into kinds, build pools, wrap layers.
+
+``get_mos_model(base, cfg)`` returns a ``MoSModel``: the frozen base with each targeted linear
+layer replaced by a ``MoSLinear``, and one ``ShardPools`` per layer kind registered in
+``mos_pools``. Everything else (forward, generate, config, ...) passes through to the base.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from .config import MoSConfig, PoolPlan, solve_pools
+from .layer import MoSLinear, is_supported, linear_shape
+from .pools import ShardPools, kind_generator
+
+
+# ---------------------------------------------------------------------------- targeting
+
+
+def kind_pattern(name: str) -> str:
+    """A module path with its layer indices replaced by ``*``: ``layers.3.q`` -> ``layers.*.q``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def kind_key(pattern: str, d_in: int, d_out: int) -> str:
+    """A kind's key in ``mos_pools`` and in checkpoints (module keys cannot contain dots)."""
+    return f"{pattern.replace('.', '/')}@{d_in}x{d_out}"
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and is_supported(m)]
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the modules to adapt, in model order.
+
+    Raises ``ValueError`` if a suffix matches nothing, a regex matches nothing, or a match is
+    not a linear layer MoS can wrap.
+    """
+    modules = dict(model.named_modules())
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n in _linear_names(model) if modules[n] is not head]
+        if not names:
+            raise ValueError("target_modules='all-linear' found no linear layer in this model")
+        return names
+    if isinstance(target_modules, str):
+        names = [n for n in modules if n and re.fullmatch(target_modules, n)]
+        if not names:
+            raise ValueError(
+                f"target_modules regex {target_modules!r} matched no module; "
+                f"linear layers look like {_linear_names(model)[:4]}"
+            )
+    else:
+        names, unmatched = [], []
+        for target in target_modules:
+            hits = [n for n in modules if n == target or n.endswith("." + target)]
+            names += hits
+            if not hits:
+                unmatched.append(target)
+        if unmatched:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
+            raise ValueError(
+                f"target_modules {unmatched} matched no module in {type(model).__name__}; "
+                f"its linear layers end in {suffixes}"
+            )
+        order = {n: i for i, n in enumerate(modules)}
+        names = sorted(set(names), key=order.__getitem__)
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_supported(modules[n])]
+    if wrong:
+        raise ValueError(
+            f"target_modules matched modules that are not linear layers: {wrong[:4]}; MoS adapts "
+            "nn.Linear, transformers Conv1D and bitsandbytes Linear4bit"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of linear layer: same path pattern and shape; its layers share pools."""
+
+    key: str
+    pattern: str
+    d_in: int
+    d_out: int
+    layers: tuple[str, ...]
+
+
+def group_kinds(model: nn.Module, names: list[str]) -> list[Kind]:
+    """Group target layers into kinds, in model order."""
+    modules = dict(model.named_modules())
+    groups: dict[tuple[str, int, int], list[str]] = {}
+    for name in names:
+        d_in, d_out = linear_shape(modules[name])
+        groups.setdefault((kind_pattern(name), d_in, d_out), []).append(name)
+    return [
+        Kind(kind_key(pattern, d_in, d_out), pattern, d_in, d_out, tuple(layers))
+        for (pattern, d_in, d_out), layers in groups.items()
+    ]
+
+
+def fingerprint(model: nn.Module, kinds: list[Kind]) -> dict[str, Any]:
+    """What an adapter needs of its base: architecture and the targeted layers' shapes."""
+    return {
+        "architecture": type(model).__name__,
+        "layers": {n: [k.d_in, k.d_out] for k in kinds for n in k.layers},
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable parameters per kind, next to LoRA at the budget rank and at MoS's rank."""
+
+    kinds: dict[str, PoolPlan]
+
+    @property
+    def total(self) -> int:
+        return sum(p.total_params for p in self.kinds.values())
+
+    @property
+    def lora_budget_total(self) -> int:
+        """LoRA at rank ``e`` on the same layers: MoS's ceiling."""
+        return sum(p.lora_params(p.budget_rank) for p in self.kinds.values())
+
+    @property
+    def lora_same_rank_total(self) -> int:
+        """LoRA at MoS's per-layer rank ``r`` on the same layers."""
+        return sum(p.lora_params(p.rank) for p in self.kinds.values())
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "kind": key.split("@")[0].replace("/", "."),
+                "L": p.num_layers,
+                "d_in": p.d_in,
+                "d_out": p.d_out,
+                "pool_shards": p.shards,
+                "private": p.private_params,
+                "public": p.public_params,
+                "total": p.total_params,
+                "lora_e": p.lora_params(p.budget_rank),
+                "note": p.note,
+            }
+            for key, p in self.kinds.items()
+        ]
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        cols = ["kind", "L", "d_in", "d_out", "pool_shards", "private", "public", "total", "lora_e"]
+        table = [cols] + [[str(r[c]) for c in cols] for r in rows]
+        table.append(["TOTAL", "", "", "", "", "", "", str(self.total), str(self.lora_budget_total)])
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+        notes = sorted({r["note"] for r in rows if r["note"]})
+        return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class MoSModel(nn.Module):
+    """A frozen base model with MoS adapters on its target layers.
+
+    Args:
+        base_model: any ``nn.Module`` (typically a transformers ``PreTrainedModel``).
+        config: the ``MoSConfig``; its targets must match linear layers of ``base_model``.
+    """
+
+    def __init__(self, base_model: nn.Module, config: MoSConfig) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.mos_config = config
+        self.kinds = group_kinds(base_model, find_targets(base_model, config.target_modules))
+        self.base_fingerprint = fingerprint(base_model, self.kinds)
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self.mos_pools = nn.ModuleDict()
+        self.mos_layers: dict[str, MoSLinear] = {}
+        for kind in self.kinds:
+            plan = solve_pools(config, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
+            pools = ShardPools(plan, config, kind_generator(config.seed, kind.key))
+            self.mos_pools[kind.key] = pools
+            for idx, name in enumerate(kind.layers):
+                self._wrap(name, pools, idx)
+        self._unloaded = False
+
+    def _wrap(self, name: str, pools: ShardPools, idx: int) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name)
+        base_layer = getattr(parent, child)
+        layer = MoSLinear(base_layer, pools, idx, self.mos_config.scaling, self.mos_config.dropout)
+        setattr(parent, child, layer)
+        self.mos_layers[name] = layer
+
+    # ---- passthrough
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_loaded()
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_loaded()
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _check_loaded(self) -> None:
+        if self._unloaded:
+            raise RuntimeError(
+                "this MoSModel was unloaded by merge_and_unload(); use the base model it returned"
+            )
+
+    # ---- parameters
+    def trainable_parameters(self) -> int:
+        """Number of trainable parameters (MoS pools and segments, plus anything unfrozen)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(_stored_numel(p) for p in self.parameters())
+        trainable = self.trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def parameter_report(self) -> ParameterReport:
+        """Per kind: L, d_in, d_out, pool shards, private/public/total params, LoRA@e params."""
+        return ParameterReport({key: pools.plan for key, pools in self.mos_pools.items()})
+
+    # ---- merge
+    def merge(self) -> None:
+        """Fold every update into its base weight (``W += (alpha/r) B A``)."""
+        for layer in self.mos_layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Undo ``merge()``."""
+        for layer in self.mos_layers.values():
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.mos_layers.values())
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, put the original layers back, and return the plain base model."""
+        self._check_loaded()
+        if not self.merged:
+            self.merge()
+        for name, layer in self.mos_layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+        self._unloaded = True
+        return self.base_model
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block."""
+        if self.merged:
+            raise RuntimeError("disable_adapter() needs unmerged adapters: call unmerge() first")
+        for layer in self.mos_layers.values():
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in self.mos_layers.values():
+                layer.disabled = False
+
+    # ---- training helpers
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable the base's gradient checkpointing (non-reentrant by default, which needs no
+        input gradients; with ``use_reentrant=True`` the input embeddings are made to require
+        grad so the frozen base still passes gradients to the adapters)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"]:
+            self.base_model.enable_input_require_grads()
+
+    # ---- checkpoints
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``path``, atomically."""
+        from .checkpoint import save_adapter
+
+        save_adapter(self, path)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | Path) -> "MoSModel":
+        """Attach a saved adapter to ``base_model``; validates the files against the base."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(base_model, path)
+
+
+def _stored_numel(param: nn.Parameter) -> int:
+    # a 4-bit weight packs two values per uint8 element
+    return param.numel() * 2 if hasattr(param, "quant_state") else param.numel()
+
+
+def get_mos_model(base_model: nn.Module, config: MoSConfig) -> MoSModel:
+    """Freeze ``base_model`` and add MoS adapters to the layers ``config`` targets."""
+    return MoSModel(base_model, config)

@@ -1,0 +1,115 @@
+"""ShardPools: the trainable state of one layer kind, and the one place where the MoS math lives.
+
+For a kind with ``L`` layers, per-layer rank ``r``, ``p`` private ranks and ``l`` shards per
+vector, a ``ShardPools`` holds
+
+- public pools ``pool_A: (n, d_in / l)`` and ``pool_B: (n, d_out / l)`` (rows are shards),
+- private segments ``private_A: (L, p, d_in)`` and ``private_B: (L, d_out, p)``,
+- fixed routing indices ``index_A, index_B: (L, r - p, l)`` (buffers, saved with the adapter),
+
+and assembles layer ``k``'s factors ``A: (r, d_in)`` and ``B: (d_out, r)`` with one gather.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoSConfig, PoolPlan
+
+
+def kind_generator(seed: int, kind: str) -> torch.Generator:
+    """A generator seeded from the config seed and the kind's name, stable across processes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(kind.encode()))
+
+
+def route(cfg: MoSConfig, plan: PoolPlan, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw the fixed routing indices ``(index_A, index_B)``, each ``(L, r - p, l)`` int64.
+
+    Subset selection: each layer draws its ``(r - p) · l`` shards without replacement, so a
+    layer never repeats a shard. Off: every layer takes the whole pool in the same order.
+    Pair dissociation: the B side gets its own independent draw; off: B reuses A's index.
+    """
+    layers, shards = plan.num_layers, plan.shards
+    per_layer = (plan.rank - plan.private_rank) * plan.shards_per_vector
+
+    def draw(shuffle: bool) -> Tensor:
+        if cfg.subset_selection:
+            rows = [torch.randperm(shards, generator=generator)[:per_layer] for _ in range(layers)]
+            flat = torch.stack(rows) if rows else torch.empty(0, per_layer, dtype=torch.long)
+        else:
+            order = torch.randperm(shards, generator=generator) if shuffle else torch.arange(shards)
+            flat = order[:per_layer].expand(layers, per_layer).clone()
+        return flat.view(layers, plan.rank - plan.private_rank, plan.shards_per_vector)
+
+    index_a = draw(shuffle=False)
+    index_b = draw(shuffle=True) if cfg.pair_dissociation else index_a.clone()
+    return index_a, index_b
+
+
+def _gather(pool: Tensor, index: Tensor) -> Tensor:
+    """Rank vectors from shards: ``index (..., m, l)`` into ``pool (n, d/l)`` -> ``(..., m, d)``.
+
+    ``F.embedding`` rather than fancy indexing: its backward is a dense index-add into the
+    pool, the cheapest way for gradients to reach shared shards.
+    """
+    return F.embedding(index, pool).flatten(-2)
+
+
+class ShardPools(nn.Module):
+    """Public pools, private segments and routing of one layer kind.
+
+    Args:
+        plan: the solved sizes (``solve_pools``).
+        cfg: the adapter config (strategies and init).
+        generator: seeds routing and initialisation.
+    """
+
+    def __init__(self, plan: PoolPlan, cfg: MoSConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.plan = plan
+        shard_a, shard_b = plan.shard_dims
+        layers, p = plan.num_layers, plan.private_rank
+        index_a, index_b = route(cfg, plan, generator)
+        self.register_buffer("index_A", index_a)
+        self.register_buffer("index_B", index_b)
+        self.pool_A = nn.Parameter(_init_a((plan.shards, shard_a), plan, cfg, generator))
+        self.pool_B = nn.Parameter(torch.zeros(plan.shards, shard_b))
+        self.private_A = nn.Parameter(_init_a((layers, p, plan.d_in), plan, cfg, generator))
+        self.private_B = nn.Parameter(torch.zeros(layers, plan.d_out, p))
+
+    def factors(self, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """Assemble ``A: (r, d_in)`` and ``B: (d_out, r)`` for ``layer``.
+
+        With ``layer=None`` returns all layers at once: ``A: (L, r, d_in)``, ``B: (L, d_out, r)``.
+        Public ranks come first, private ranks last.
+        """
+        sel = slice(None) if layer is None else layer
+        a_pub = _gather(self.pool_A, self.index_A[sel])
+        b_pub = _gather(self.pool_B, self.index_B[sel]).transpose(-1, -2)
+        a = torch.cat([a_pub, self.private_A[sel]], dim=-2)
+        b = torch.cat([b_pub, self.private_B[sel]], dim=-1)
+        return a, b
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        return (
+            f"layers={p.num_layers}, d_in={p.d_in}, d_out={p.d_out}, rank={p.rank}, "
+            f"private_rank={p.private_rank}, shards={p.shards}, shard_dims={p.shard_dims}"
+        )
+
+
+def _init_a(shape: tuple[int, ...], plan: PoolPlan, cfg: MoSConfig, g: torch.Generator) -> Tensor:
+    """A-side init as LoRA's A, on the *assembled* fan-in ``d_in`` (not the shard width).
+
+    kaiming: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in));
+    gaussian: N(0, 1/r).
+    """
+    if cfg.init == "gaussian":
+        return torch.randn(shape, generator=g) / plan.rank
+    bound = 1.0 / math.sqrt(plan.d_in)
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+LLAMA_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers: int = 3, hidden: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=128, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def randomize_adapter(model, std: float = 0.05, seed: int = 1) -> None:
+    """Give every MoS parameter non-zero values, so B A != 0 and checks have teeth."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.mos_pools.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
