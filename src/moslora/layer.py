@@ -71,6 +71,34 @@ def _set_dense_weight(module: nn.Module, weight: Tensor) -> float:
     return (dense_weight(module).float() - weight.float()).abs().max().item()
 
 
+def _keep_4bit_layout_stable(module: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a CPU 4-bit weight for bf16 inference.
+
+    On CPUs with AVX512-BF16, the first eval forward repacks the weight into a private layout
+    and computes in bf16 from then on: eval and training numerics differ, a later training
+    forward fails, and the weight no longer dequantizes. A layer that was already repacked is
+    unpacked (bitsandbytes' own inverse; it rounds the block scales once).
+    """
+    if not hasattr(module, "support_avx512bf16_for_cpu"):
+        return
+    module.support_avx512bf16_for_cpu = False
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        unpack = sys.modules["bitsandbytes"].functional._convert_weight_packed_for_cpu_inverse
+        module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+
+
+def _dense_copy(module: nn.Module) -> nn.Linear:
+    """A dense ``nn.Linear`` with a quantized layer's dequantized weight and its bias."""
+    weight = dense_weight(module)
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    dense.weight.data.copy_(weight)
+    if module.bias is not None:
+        dense.bias.data.copy_(module.bias.data)
+    return dense.requires_grad_(False)
+
+
 class MoSLinear(nn.Module):
     """``y = base(x) + (alpha/r) · B (A dropout(x))`` with ``A, B`` assembled from shard pools.
 
@@ -96,6 +124,8 @@ class MoSLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
+        if _is_4bit(base_layer):
+            _keep_4bit_layout_stable(base_layer)
         if (pools.plan.d_in, pools.plan.d_out) != (self.d_in, self.d_out):
             raise ValueError(
                 f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "
@@ -108,6 +138,7 @@ class MoSLinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.merge_error = 0.0
+        self._quantized_base: tuple[nn.Module] | None = None  # the 4-bit layer, merged densely
 
     @property
     def pools(self) -> ShardPools:
@@ -132,21 +163,35 @@ class MoSLinear(nn.Module):
         return y + (F.linear(F.linear(h, a), b) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight: ``W += (alpha/r) B A``."""
+    def merge(self, requantize: bool = False) -> None:
+        """Fold the update into the base weight: ``W += (alpha/r) B A``.
+
+        A 4-bit base cannot hold the small update exactly: by default it is dequantized into a
+        dense ``nn.Linear`` (exact, at the dense layer's memory), and ``unmerge()`` puts the
+        original 4-bit layer back. With ``requantize=True`` the sum is quantized again; the
+        max abs error this costs is kept in ``merge_error``.
+        """
         if self.merged:
             warnings.warn("MoSLinear.merge(): already merged; nothing done", stacklevel=2)
             return
+        if _is_4bit(self.base_layer) and not requantize:
+            self._quantized_base = (self.base_layer,)  # a tuple: kept out of the state dict
+            self.base_layer = _dense_copy(self.base_layer)
         self._add_delta(sign=1.0)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge()``: ``W -= (alpha/r) B A`` (exact up to float rounding; lossy for 4-bit)."""
+        """Undo ``merge()``: ``W -= (alpha/r) B A`` (exact up to float rounding, or the original
+        4-bit layer restored; after a requantized merge, lossy)."""
         if not self.merged:
             warnings.warn("MoSLinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
-        self._add_delta(sign=-1.0)
+        if self._quantized_base is not None:
+            self.base_layer, self._quantized_base = self._quantized_base[0], None
+            self.merge_error = 0.0
+        else:
+            self._add_delta(sign=-1.0)
         self.merged = False
 
     def _add_delta(self, sign: float) -> None:

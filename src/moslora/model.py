@@ -25,7 +25,7 @@ from .pools import ShardPools, kind_generator
 
 def kind_pattern(name: str) -> str:
     """A module path with its layer indices replaced by ``*``: ``layers.3.q`` -> ``layers.*.q``."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+    return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "*", name)
 
 
 def kind_key(pattern: str, d_in: int, d_out: int) -> str:
@@ -242,10 +242,11 @@ class MoSModel(nn.Module):
         return ParameterReport({key: pools.plan for key, pools in self.mos_pools.items()})
 
     # ---- merge
-    def merge(self) -> None:
-        """Fold every update into its base weight (``W += (alpha/r) B A``)."""
+    def merge(self, requantize: bool = False) -> None:
+        """Fold every update into its base weight (``W += (alpha/r) B A``); see
+        ``MoSLinear.merge`` for 4-bit bases and ``requantize``."""
         for layer in self.mos_layers.values():
-            layer.merge()
+            layer.merge(requantize=requantize)
 
     def unmerge(self) -> None:
         """Undo ``merge()``."""
@@ -256,11 +257,11 @@ class MoSModel(nn.Module):
     def merged(self) -> bool:
         return any(layer.merged for layer in self.mos_layers.values())
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge, put the original layers back, and return the plain base model."""
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Merge, put the (merged) base layers back, and return the plain base model."""
         self._check_loaded()
         if not self.merged:
-            self.merge()
+            self.merge(requantize=requantize)
         for name, layer in self.mos_layers.items():
             parent_name, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moslora import MoSConfig, ShardPools, solve_pools
+from moslora.pools import kind_generator, route
+
+
+def make_pools(layers=6, d_in=16, d_out=24, **kw) -> ShardPools:
+    cfg = MoSConfig(**{"rank": 5, "budget_rank": 2, "private_rank": 1, **kw})
+    plan = solve_pools(cfg, layers, d_in, d_out)
+    return ShardPools(plan, cfg, kind_generator(cfg.seed, "kind"))
+
+
+def assemble_by_loop(pools: ShardPools, k: int):
+    """Reference assembly, written the slow obvious way."""
+    r_pub = pools.index_A.shape[1]
+    a_rows = [torch.cat([pools.pool_A[i] for i in pools.index_A[k, j]]) for j in range(r_pub)]
+    b_cols = [torch.cat([pools.pool_B[i] for i in pools.index_B[k, j]]) for j in range(r_pub)]
+    a = torch.stack(a_rows + list(pools.private_A[k]))
+    b = torch.stack(b_cols + list(pools.private_B[k].T), dim=1)
+    return a, b
+
+
+def test_shapes_and_all_layers_at_once():
+    pools = make_pools(shards_per_vector=2)
+    a, b = pools.factors(3)
+    assert a.shape == (5, 16) and b.shape == (24, 5)
+    a_all, b_all = pools.factors()
+    assert a_all.shape == (6, 5, 16) and b_all.shape == (6, 24, 5)
+    assert torch.equal(a_all[3], a) and torch.equal(b_all[3], b)
+
+
+def test_b_starts_at_zero_and_a_follows_lora_init():
+    pools = make_pools(layers=40, d_in=64, budget_rank=3)
+    a, b = pools.factors()
+    assert torch.count_nonzero(b) == 0
+    bound = 1 / math.sqrt(64)
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    g = make_pools(layers=40, d_in=64, budget_rank=3, init="gaussian").pool_A
+    assert abs(g.std().item() - 1 / 5) < 0.02
+
+
+def test_subset_selection_draws_distinct_shards_per_layer():
+    pools = make_pools(shards_per_vector=2)
+    for idx in (pools.index_A, pools.index_B):
+        flat = idx.flatten(1)
+        assert all(len(set(row.tolist())) == flat.shape[1] for row in flat)
+        assert idx.min() >= 0 and idx.max() < pools.plan.shards
+    # different layers get different subsets
+    assert len({tuple(row.tolist()) for row in pools.index_A.flatten(1)}) > 1
+
+
+def test_subset_selection_off_shares_one_A_across_layers():
+    pools = make_pools(private_rank=0, subset_selection=False)
+    a, _ = pools.factors()
+    assert all(torch.equal(a[0], a[k]) for k in range(1, a.shape[0]))
+    assert pools.plan.shards == 5
+
+
+def test_pair_dissociation_off_routes_both_sides_alike():
+    joined = make_pools(pair_dissociation=False)
+    assert torch.equal(joined.index_A, joined.index_B)
+    split = make_pools(pair_dissociation=True)
+    assert not torch.equal(split.index_A, split.index_B)
+
+
+def test_vector_sharding_uses_shards_of_d_over_l():
+    pools = make_pools(shards_per_vector=4)
+    assert pools.pool_A.shape == (pools.plan.shards, 4)
+    assert pools.pool_B.shape == (pools.plan.shards, 6)
+    assert pools.index_A.shape == (6, 4, 4)
+
+
+def test_privatization_off_and_on():
+    assert make_pools(private_rank=0).private_A.shape == (6, 0, 16)
+    pools = make_pools(private_rank=1)
+    assert pools.private_A.shape == (6, 1, 16) and pools.private_B.shape == (6, 24, 1)
+
+
+def test_routing_is_seeded():
+    cfg = MoSConfig(rank=5, budget_rank=2, private_rank=1)
+    plan = solve_pools(cfg, 6, 16, 24)
+    first = route(cfg, plan, kind_generator(0, "k"))
+    again = route(cfg, plan, kind_generator(0, "k"))
+    other = route(cfg, plan, kind_generator(1, "k"))
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_gradients_reach_only_the_routed_shards():
+    pools = make_pools(layers=6, budget_rank=2, private_rank=1, rank=3)
+    with torch.no_grad():
+        pools.pool_B.normal_()
+        pools.private_B.normal_()
+    a, b = pools.factors(2)
+    (b @ a).sum().backward()
+    used = set(pools.index_A[2].flatten().tolist())
+    touched = {i for i in range(pools.plan.shards) if pools.pool_A.grad[i].abs().sum() > 0}
+    assert touched == used
+    assert pools.private_A.grad[2].abs().sum() > 0
+    assert pools.private_A.grad[[0, 1, 3, 4, 5]].abs().sum() == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    e=st.integers(1, 4), r=st.integers(1, 12), l=st.sampled_from([1, 2, 4]),
+    p=st.integers(0, 4), layers=st.integers(1, 6), d_in=st.sampled_from([4, 8, 12]),
+    d_out=st.sampled_from([4, 8, 16]), subset=st.booleans(), pair=st.booleans(),
+    seed=st.integers(0, 10),
+)
+def test_vectorized_assembly_equals_reference(e, r, l, p, layers, d_in, d_out, subset, pair, seed):
+    try:
+        cfg = MoSConfig(rank=r, budget_rank=e, shards_per_vector=l, private_rank=p,
+                        subset_selection=subset, pair_dissociation=pair, seed=seed)
+        plan = solve_pools(cfg, layers, d_in, d_out)
+    except ValueError:
+        return
+    pools = ShardPools(plan, cfg, kind_generator(seed, "k"))
+    with torch.no_grad():
+        for param in pools.parameters():
+            param.normal_()
+    for k in range(layers):
+        a, b = pools.factors(k)
+        ra, rb = assemble_by_loop(pools, k)
+        assert a.shape == (r, d_in) and b.shape == (d_out, r)
+        assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert sum(x.numel() for x in pools.parameters()) == plan.total_params
