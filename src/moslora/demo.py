@@ -8,6 +8,7 @@ next to LoRA's, merge exactness, a save/load round trip and the export to PEFT L
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .checkpoint import export_peft_lora
 from .config import MoSConfig
-from .model import MoSModel, get_mos_model
+from .model import MoSModel, ParameterReport, get_mos_model
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -28,9 +29,23 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def report_table(report: ParameterReport) -> Table:
+    """The parameter report as a rich table, one row per layer kind."""
+    table = Table(title="MoS parameters per layer kind (LoRA at the budget rank for comparison)")
+    rows = report.rows()
+    columns = ["kind", "L", "d_in", "d_out", "pool_shards", "private", "public", "total", "lora_e"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for row in rows:
+        table.add_row(*(str(row[c]) if c == "kind" else f"{row[c]:,}" for c in columns))
+    table.add_row("TOTAL", *[""] * 6, f"{report.total:,}", f"{report.lora_budget_total:,}")
+    return table
+
+
 def run_demo(steps: int = 30, console: Console | None = None) -> dict[str, float]:
     """Run the demo and return its measurements."""
-    console = console or Console()
+    # piped output (CI logs, `| tee`) gets a fixed width rather than rich's 80 columns
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     start = time.perf_counter()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(
@@ -42,8 +57,7 @@ def run_demo(steps: int = 30, console: Console | None = None) -> dict[str, float
                     private_rank=1, alpha=16.0, seed=0)
     model = get_mos_model(base, cfg)
     report = model.parameter_report()
-    console.rule("[bold]MoS parameter report (per layer kind)")
-    console.print(str(report))
+    console.print(report_table(report))
     table = Table(title="trainable parameters")
     table.add_column("adapter")
     table.add_column("params", justify="right")
