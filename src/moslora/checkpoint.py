@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .atomic import atomic_directory
 from .config import MoSConfig, solve_pools
 from .layer import MoSLinear, is_supported
-from .model import MoSModel, fingerprint, find_targets, group_kinds
+from .model import Kind, MoSModel, fingerprint, find_targets, group_kinds
 from .pools import ShardPools, kind_generator
 
 FORMAT = "moslora"
@@ -108,29 +108,64 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def load_adapter(base_model: nn.Module, path: str | Path) -> MoSModel:
-    """Validate the adapter at ``path`` against ``base_model``, then attach it.
+def read_adapter(base_model: nn.Module, path: str | Path) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
+    """Read and validate the adapter at ``path`` for ``base_model`` without modifying it.
 
+    Returns the config, the base's layer kinds it targets, and the ``mos_pools`` state dict.
     Raises ``FileNotFoundError`` for missing files and ``CheckpointError`` for anything
     corrupt, truncated, of another format version, of wrong shape or for a different base.
-    The base model is modified only once every check has passed.
     """
     path = Path(path)
     header = read_adapter_config(path)
+    config = _config_of(header, path)
     try:
-        config = MoSConfig.from_dict(header["config"])
+        kinds = group_kinds(base_model, find_targets(base_model, config.target_modules))
+    except ValueError as err:
+        raise CheckpointError(f"adapter {path} does not fit this base model: {err}") from None
+    state = _validated_state(path, header, config, kinds, fingerprint(base_model, kinds))
+    return config, kinds, state
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> MoSModel:
+    """Validate the adapter at ``path`` against ``base_model``, then attach it.
+
+    The base model is modified only once every check of ``read_adapter`` has passed.
+    """
+    config, _, state = read_adapter(base_model, path)
+    model = MoSModel(base_model, config)
+    model.mos_pools.load_state_dict(state, strict=True)
+    return model
+
+
+def load_adapter_weights(model: MoSModel, path: str | Path) -> None:
+    """Load saved pools into an existing ``MoSModel`` of the same config (resume, best model)."""
+    path = Path(path)
+    header = read_adapter_config(path)
+    config = _config_of(header, path)
+    if config != model.mos_config:
+        diff = {k: (v, getattr(model.mos_config, k)) for k, v in config.to_dict().items()
+                if v != getattr(model.mos_config, k)}
+        raise CheckpointError(f"adapter {path} has another config than this model (saved, ours): {diff}")
+    state = _validated_state(path, header, config, model.kinds, model.base_fingerprint)
+    model.mos_pools.load_state_dict(state, strict=True)
+
+
+def _config_of(header: dict[str, Any], path: Path) -> MoSConfig:
+    try:
+        return MoSConfig.from_dict(header["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path / CONFIG_NAME} holds an invalid config: {err}") from None
+
+
+def _validated_state(
+    path: Path, header: dict[str, Any], config: MoSConfig, kinds: list[Kind], actual_fp: dict[str, Any]
+) -> dict[str, Tensor]:
     if _sha256(path / WEIGHTS_NAME) != header["weights_sha256"]:
         raise CheckpointError(
             f"{path / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the weights "
             "are corrupt, truncated or from another save"
         )
-    try:
-        kinds = group_kinds(base_model, find_targets(base_model, config.target_modules))
-    except ValueError as err:
-        raise CheckpointError(f"adapter {path} does not fit this base model: {err}") from None
-    _check_fingerprint(header["base_fingerprint"], fingerprint(base_model, kinds), path)
+    _check_fingerprint(header["base_fingerprint"], actual_fp, path)
     try:
         tensors = load_file(path / WEIGHTS_NAME)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -141,10 +176,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> MoSModel:
         pools = ShardPools(plan, config, kind_generator(config.seed, kind.key))
         _check_index_range(tensors, kind.key, plan.shards, path)
         expected.update({f"{kind.key}.{k}": v for k, v in pools.state_dict().items()})
-    state = _checked_state(tensors, expected, path)
-    model = MoSModel(base_model, config)
-    model.mos_pools.load_state_dict(state, strict=True)
-    return model
+    return _checked_state(tensors, expected, path)
 
 
 def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path) -> None:

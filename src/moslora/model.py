@@ -201,6 +201,10 @@ class MoSModel(nn.Module):
         setattr(parent, child, layer)
         self.mos_layers[name] = layer
 
+    # transformers' Trainer refuses to train a quantized model unless this says that
+    # trainable adapters are attached, which is what an MoSModel is
+    _hf_peft_config_loaded = True
+
     # ---- passthrough
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_loaded()
