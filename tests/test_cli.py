@@ -9,8 +9,8 @@ from moslora.cli import app
 runner = CliRunner()
 
 
-def test_demo_runs_and_reports_exactness():
-    result = runner.invoke(app, ["demo", "--steps", "3"])
+def test_selfcheck_runs_and_reports_exactness():
+    result = runner.invoke(app, ["selfcheck", "--steps", "3"])
     assert result.exit_code == 0, result.output
     assert "exported -> peft.PeftModel" in result.output
     assert "LoRA r=16 (same per-layer rank)" in result.output

