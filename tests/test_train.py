@@ -102,3 +102,18 @@ def test_twenty_steps_on_the_default_model_lower_the_loss(tmp_path):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 20
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+
+
+def test_4bit_base_with_gradient_checkpointing(tmp_path, tokenizer):
+    import bitsandbytes as bnb  # a test extra: its absence must fail, not skip
+
+    tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = tiny_config(tmp_path / "q", model=str(tmp_path / "base"), load_in_4bit=True,
+                      gradient_checkpointing=True, mos=MoSConfig(target_modules=["q_proj", "v_proj"],
+                                                                 rank=3, budget_rank=2, private_rank=1))
+    result = train(cfg)
+    layer = result.model.mos_layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert result.model.base_model.is_gradient_checkpointing
+    assert float(layer.pools.pool_B.abs().sum()) > 0  # the adapter trained through the 4-bit base

@@ -71,7 +71,7 @@ def _set_dense_weight(module: nn.Module, weight: Tensor) -> float:
     return (dense_weight(module).float() - weight.float()).abs().max().item()
 
 
-def _keep_4bit_layout_stable(module: nn.Module) -> None:
+def keep_4bit_layout_stable(module: nn.Module) -> None:
     """Stop bitsandbytes from repacking a CPU 4-bit weight for bf16 inference.
 
     On CPUs with AVX512-BF16, the first eval forward repacks the weight into a private layout
@@ -79,7 +79,7 @@ def _keep_4bit_layout_stable(module: nn.Module) -> None:
     forward fails, and the weight no longer dequantizes. A layer that was already repacked is
     unpacked (bitsandbytes' own inverse; it rounds the block scales once).
     """
-    if not hasattr(module, "support_avx512bf16_for_cpu"):
+    if not _is_4bit(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
         return
     module.support_avx512bf16_for_cpu = False
     state = module.weight.quant_state
@@ -124,8 +124,7 @@ class MoSLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
-        if _is_4bit(base_layer):
-            _keep_4bit_layout_stable(base_layer)
+        keep_4bit_layout_stable(base_layer)
         if (pools.plan.d_in, pools.plan.d_out) != (self.d_in, self.d_out):
             raise ValueError(
                 f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .config import MoSConfig, PoolPlan, solve_pools
-from .layer import MoSLinear, is_supported, linear_shape
+from .layer import MoSLinear, is_supported, keep_4bit_layout_stable, linear_shape
 from .pools import ShardPools, kind_generator
 
 
@@ -183,6 +183,8 @@ class MoSModel(nn.Module):
         self.base_fingerprint = fingerprint(base_model, self.kinds)
         for param in base_model.parameters():
             param.requires_grad_(False)
+        for module in base_model.modules():  # adapted or not: one numeric path for eval and train
+            keep_4bit_layout_stable(module)
         self.mos_pools = nn.ModuleDict()
         self.mos_layers: dict[str, MoSLinear] = {}
         for kind in self.kinds:
@@ -291,7 +293,11 @@ class MoSModel(nn.Module):
         input gradients; with ``use_reentrant=True`` the input embeddings are made to require
         grad so the frozen base still passes gradients to the adapters)."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:
             self.base_model.enable_input_require_grads()
 
