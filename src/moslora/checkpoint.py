@@ -24,10 +24,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_directory
-from .config import MoSConfig, solve_pools
+from .config import MoSConfig
 from .layer import MoSLinear, is_supported
-from .model import Kind, MoSModel, fingerprint, find_targets, group_kinds
-from .pools import ShardPools, kind_generator
+from .model import Kind, MoSModel, build_pools, fingerprint, find_targets, group_kinds
 
 FORMAT = "moslora"
 FORMAT_VERSION = 1
@@ -108,18 +107,23 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def read_adapter(base_model: nn.Module, path: str | Path) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
+def read_adapter(
+    base_model: nn.Module, path: str | Path, view: Any = None
+) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
     """Read and validate the adapter at ``path`` for ``base_model`` without modifying it.
 
     Returns the config, the base's layer kinds it targets, and the ``mos_pools`` state dict.
+    ``view`` stands in for the base's module tree when its targets are wrapped (serving):
+    anything with ``named_modules()`` and ``get_output_embeddings()``.
     Raises ``FileNotFoundError`` for missing files and ``CheckpointError`` for anything
     corrupt, truncated, of another format version, of wrong shape or for a different base.
     """
     path = Path(path)
     header = read_adapter_config(path)
     config = _config_of(header, path)
+    tree = base_model if view is None else view
     try:
-        kinds = group_kinds(base_model, find_targets(base_model, config.target_modules))
+        kinds = group_kinds(tree, find_targets(tree, config.target_modules))
     except ValueError as err:
         raise CheckpointError(f"adapter {path} does not fit this base model: {err}") from None
     state = _validated_state(path, header, config, kinds, fingerprint(base_model, kinds))
@@ -172,9 +176,8 @@ def _validated_state(
         raise CheckpointError(f"{path / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt") from None
     expected: dict[str, Tensor] = {}
     for kind in kinds:
-        plan = solve_pools(config, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
-        pools = ShardPools(plan, config, kind_generator(config.seed, kind.key))
-        _check_index_range(tensors, kind.key, plan.shards, path)
+        pools = build_pools(config, kind)
+        _check_index_range(tensors, kind.key, pools.plan.shards, path)
         expected.update({f"{kind.key}.{k}": v for k, v in pools.state_dict().items()})
     return _checked_state(tensors, expected, path)
 

@@ -1,4 +1,4 @@
-"""The ``moslora`` command: train, eval, info, export-peft, demo, selfcheck."""
+"""The ``moslora`` command: train, eval, info, export-peft, serve, demo, selfcheck."""
 
 from __future__ import annotations
 
@@ -135,6 +135,27 @@ def export_peft(
     base, _ = load_base(model)
     export_peft_lora(MoSModel.from_pretrained(base, adapter), out_dir)
     typer.echo(f"wrote {out_dir}")
+
+
+@app.command()
+def serve(
+    adapters: Path = typer.Option(..., help="root directory of MoS adapters (each subdirectory is one)"),
+    base: Optional[str] = typer.Option(None, help="local HF folder or .gguf file (default: embedded SmolLM2)"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    api_keys: Optional[Path] = typer.Option(None, help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
+    max_batch: int = typer.Option(16, min=1, help="rows per batched forward"),
+    batch_window_ms: float = typer.Option(5.0, min=0.0, help="how long to wait for more requests"),
+    queue_size: int = typer.Option(256, min=1, help="pending requests before answering 503"),
+) -> None:
+    """Serve every adapter under --adapters over HTTP (OpenAI-style /v1/completions)."""
+    import uvicorn
+
+    from .serving.server import ApiKeys, load_server
+
+    server = load_server(base, adapters, ApiKeys.load(api_keys), max_batch=max_batch,
+                         batch_window=batch_window_ms / 1000, queue_size=queue_size)
+    uvicorn.run(server, host=host, port=port)
 
 
 @app.command()

@@ -52,7 +52,7 @@ def dense_weight(module: nn.Module) -> Tensor:
     return w.T if isinstance(module, Conv1D) else w
 
 
-def _set_dense_weight(module: nn.Module, weight: Tensor) -> float:
+def set_dense_weight(module: nn.Module, weight: Tensor) -> float:
     """Write a dense ``(d_out, d_in)`` weight back; returns the max abs storage error."""
     if _is_4bit(module):
         old = module.weight
@@ -196,7 +196,7 @@ class MoSLinear(nn.Module):
     def _add_delta(self, sign: float) -> None:
         weight = dense_weight(self.base_layer)
         updated = weight.float() + sign * self.delta_weight().float().to(weight.device)
-        self.merge_error = _set_dense_weight(self.base_layer, updated.to(weight.dtype))
+        self.merge_error = set_dense_weight(self.base_layer, updated.to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, scaling={self.scaling:g}, merged={self.merged}"

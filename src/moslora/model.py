@@ -105,6 +105,12 @@ def group_kinds(model: nn.Module, names: list[str]) -> list[Kind]:
     ]
 
 
+def build_pools(config: MoSConfig, kind: Kind) -> ShardPools:
+    """The freshly initialised pools of one kind (sized by ``solve_pools``, seeded per kind)."""
+    plan = solve_pools(config, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
+    return ShardPools(plan, config, kind_generator(config.seed, kind.key))
+
+
 def fingerprint(model: nn.Module, kinds: list[Kind]) -> dict[str, Any]:
     """What an adapter needs of its base: architecture and the targeted layers' shapes."""
     return {
@@ -188,8 +194,7 @@ class MoSModel(nn.Module):
         self.mos_pools = nn.ModuleDict()
         self.mos_layers: dict[str, MoSLinear] = {}
         for kind in self.kinds:
-            plan = solve_pools(config, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
-            pools = ShardPools(plan, config, kind_generator(config.seed, kind.key))
+            pools = build_pools(config, kind)
             self.mos_pools[kind.key] = pools
             for idx, name in enumerate(kind.layers):
                 self._wrap(name, pools, idx)

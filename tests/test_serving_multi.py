@@ -1,0 +1,268 @@
+"""MultiAdapterModel: mixed batches equal each adapter alone; registry, memory and errors."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import LLAMA_KINDS, randomize_adapter, tiny_gpt2, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from moslora import CheckpointError, MoSConfig, MoSModel, get_mos_model
+from moslora.serving import BASE, FactorCache, MultiAdapterLinear, MultiAdapterModel, UnknownAdapterError
+
+# Different ranks, scalings (alpha / r not a power of two, so folding it into B rounds
+# differently), strategies and layer subsets: "c" targets two kinds in layers 1-2 only, so its
+# layer indices within a kind differ from the others'; "d" uses all-linear and is loaded last,
+# after the others have wrapped the base.
+CONFIGS = {
+    "a": MoSConfig(target_modules=LLAMA_KINDS, rank=8, budget_rank=3, private_rank=1,
+                   shards_per_vector=2, alpha=12.0),
+    "b": MoSConfig(target_modules=["q_proj", "v_proj"], rank=3, budget_rank=1, alpha=5.0, seed=3),
+    "c": MoSConfig(target_modules=r"model\.layers\.[12]\.(mlp\.down_proj|self_attn\.o_proj)", rank=4,
+                   budget_rank=2, subset_selection=False, pair_dissociation=False, alpha=7.0, seed=5),
+    "d": MoSConfig(target_modules="all-linear", rank=5, budget_rank=2, private_rank=1, alpha=6.5, seed=7),
+}
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each adapter saved with non-zero weights: name -> directory."""
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        model = get_mos_model(tiny_llama(), cfg)
+        randomize_adapter(model, seed=10 + i)
+        model.save_pretrained(root / name)
+    return {name: root / name for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Six rows, two of them left-padded."""
+    ids = torch.randint(0, 128, (6, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[4, :6] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def alone(saved, batch):
+    """Reference logits and greedy tokens for the whole batch: each adapter alone via
+    MoSModel.from_pretrained, and the bare base (key None)."""
+    ids, mask = batch
+    models = {name: MoSModel.from_pretrained(tiny_llama(), path) for name, path in saved.items()}
+    models[None] = tiny_llama()
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return {
+        name: (m(ids, attention_mask=mask).logits, m.generate(ids, attention_mask=mask, **gen))
+        for name, m in models.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def served(saved):
+    mm = MultiAdapterModel(tiny_llama())
+    for name, path in saved.items():
+        mm.load_adapter(name, path)
+    return mm
+
+
+def _key(name):
+    return None if name == BASE else name
+
+
+def test_adapters_change_the_logits(alone):
+    # otherwise the equivalence checks below would pass with no adapter at all
+    for name in CONFIGS:
+        assert (alone[name][0] - alone[None][0]).abs().max() > 0.05
+
+
+def test_mixed_forward_matches_each_adapter_alone(served, alone, batch):
+    ids, mask = batch
+    names = ["d", None, "b", "c", BASE, "a"]
+    logits = served(ids, attention_mask=mask, adapter_names=names).logits
+    for i, name in enumerate(names):
+        ref = alone[_key(name)][0][i]
+        if _key(name) is None:
+            assert torch.equal(logits[i], ref), "base rows must be the bare base exactly"
+        else:
+            assert (logits[i] - ref).abs().max() <= 1e-5, name
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 5), st.sampled_from([*CONFIGS, None, BASE])), min_size=1, max_size=7))
+def test_any_rows_in_any_order(served, alone, batch, rows):
+    ids, mask = batch
+    index = torch.tensor([r for r, _ in rows])
+    names = [n for _, n in rows]
+    logits = served(ids[index], attention_mask=mask[index], adapter_names=names).logits
+    for i, (row, name) in enumerate(rows):
+        assert (logits[i] - alone[_key(name)][0][row]).abs().max() <= 1e-5
+
+
+def test_greedy_generate_matches_each_adapter_alone(served, alone, batch):
+    ids, mask = batch
+    names = ["a", "b", BASE, "d", "c", "a"]
+    out = served.generate(ids, attention_mask=mask, adapter_names=names,
+                          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert out.shape == (6, ids.shape[1] + NEW_TOKENS)
+    for i, name in enumerate(names):
+        assert torch.equal(out[i], alone[_key(name)][1][i]), name
+    assert all(layer.route is None for layer in served._layers.values()), "routes must not outlive the call"
+
+
+def test_beams_keep_their_rows_adapter(served, saved, batch):
+    ids, mask = batch
+    gen = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    out = served.generate(ids[:2], attention_mask=mask[:2], adapter_names=["b", "a"], **gen)
+    for i, name in enumerate(["b", "a"]):
+        ref = MoSModel.from_pretrained(tiny_llama(), saved[name]).generate(ids[:2], attention_mask=mask[:2], **gen)
+        assert torch.equal(out[i], ref[i])
+
+
+def test_cache_gives_the_same_logits_within_its_budget(saved, batch):
+    ids, _ = batch
+    names = ["a", "b", "a", None, "b", "b"]
+    plain = MultiAdapterModel(tiny_llama())
+    for name in ("a", "b"):
+        plain.load_adapter(name, saved[name])
+    size_a = sum(t.numel() * 4 for pair in plain._factors("a").values() for t in pair)
+    cached = MultiAdapterModel(tiny_llama(), cache_bytes=size_a + 1)  # room for "a" alone
+    for name in ("a", "b"):
+        cached.load_adapter(name, saved[name])
+    ref = plain(ids, adapter_names=names).logits
+    for _ in range(2):
+        assert torch.equal(cached(ids, adapter_names=names).logits, ref)
+    assert cached.cache.bytes <= size_a + 1 and cached.memory_report()["cache"] == cached.cache.bytes
+    assert "b" in cached.cache and "a" not in cached.cache  # b was used last and evicted a
+    assert plain.cache.bytes == 0 and len(plain.cache) == 0
+
+
+def test_factor_cache_evicts_least_recently_used():
+    def build(n):
+        return lambda: {"layer": (torch.zeros(n), torch.zeros(n))}  # 8n bytes
+
+    cache = FactorCache(budget=100)
+    cache.get("x", build(5))
+    cache.get("y", build(5))
+    cache.get("x", build(5))  # x is now the most recent
+    cache.get("z", build(5))  # 120 bytes > 100: evicts y
+    assert ("x" in cache, "y" in cache, "z" in cache) == (True, False, True)
+    assert cache.bytes == 80 and (cache.hits, cache.misses) == (1, 3)
+    cache.get("big", build(20))  # larger than the whole budget: returned, not stored
+    assert "big" not in cache and cache.bytes == 80
+    cache.drop("x")
+    assert cache.bytes == 40
+    with pytest.raises(ValueError, match=">= 0"):
+        FactorCache(budget=-1)
+
+
+def test_load_and_unload_free_memory(saved, batch):
+    ids, _ = batch
+    base = tiny_llama()
+    linears_before = {n: type(m) for n, m in base.named_modules()}
+    mm = MultiAdapterModel(base, cache_bytes=10**8)
+    mm.load_adapter("a", saved["a"])
+    mm.load_adapter("b", saved["b"])
+    mm(ids, adapter_names=["a", "b", "a", "b", None, "a"])
+    report = mm.memory_report()
+    state_a = MoSModel.from_pretrained(tiny_llama(), saved["a"]).mos_pools.state_dict()
+    assert report["adapters"]["a"] == sum(t.numel() * t.element_size() for t in state_a.values())
+    assert report["total"] == report["base"] + report["adapters_total"] + report["cache"]
+    assert report["cache"] > 0
+
+    pool = weakref.ref(mm.adapter_pools["a"][next(iter(mm.adapter_pools["a"]))].pool_A)
+    cached = weakref.ref(next(iter(mm._factors("a").values()))[0])
+    mm.unload_adapter("a")
+    gc.collect()
+    assert pool() is None and cached() is None, "the unloaded adapter's tensors must be gone"
+    after = mm.memory_report()
+    assert mm.adapters() == ["b"] and set(after["adapters"]) == {"b"}
+    assert after["adapters_total"] == report["adapters_total"] - report["adapters"]["a"]
+    assert after["cache"] < report["cache"] and after["base"] == report["base"]
+    # only b's layers stay wrapped; the rest of the base is as it was
+    assert set(mm._layers) == {n for n in linears_before if n.endswith(("q_proj", "v_proj"))}
+
+    mm.unload_adapter("b")
+    assert {n: type(m) for n, m in base.named_modules()} == linears_before
+    assert mm.memory_report()["adapters_total"] == 0 and mm.cache.bytes == 0
+    mm.load_adapter("a", saved["a"])  # a name is free again once unloaded
+    assert mm.adapters() == ["a"]
+
+
+def test_mismatched_adapter_is_rejected_and_changes_nothing(saved, tmp_path):
+    other = get_mos_model(tiny_llama(hidden=32), MoSConfig(target_modules=["q_proj"], rank=2, budget_rank=1))
+    other.save_pretrained(tmp_path / "small")
+    gpt2 = get_mos_model(tiny_gpt2(), MoSConfig(target_modules=["c_attn"], rank=2, budget_rank=1))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    mm = MultiAdapterModel(tiny_llama())
+    mm.load_adapter("a", saved["a"])
+    wrapped = dict(mm._layers)
+    with pytest.raises(CheckpointError, match="different base.*shape"):
+        mm.load_adapter("small", tmp_path / "small")
+    with pytest.raises(CheckpointError, match="does not fit this base"):
+        mm.load_adapter("gpt2", tmp_path / "gpt2")
+    with pytest.raises(FileNotFoundError):
+        mm.load_adapter("nowhere", tmp_path / "nowhere")
+    assert mm.adapters() == ["a"] and mm._layers == wrapped
+
+
+def test_bad_names_and_batches_get_clear_errors(served, saved, batch):
+    ids, _ = batch
+    with pytest.raises(UnknownAdapterError, match=r"\['zzz'\].*loaded: \['a', 'b', 'c', 'd'\]"):
+        served(ids, adapter_names=["a", "zzz", None, None, None, None])
+    with pytest.raises(ValueError, match="5 entries for a batch of 6 rows"):
+        served(ids, adapter_names=["a"] * 5)
+    with pytest.raises(TypeError, match="one name per row"):
+        served(ids, adapter_names="a")
+    with pytest.raises(ValueError, match="already loaded"):
+        served.load_adapter("a", saved["a"])
+    for bad in ("", BASE, "../a", "a.b", "x" * 65, 3):
+        with pytest.raises(ValueError, match="invalid"):
+            served.load_adapter(bad, saved["a"])
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'zzz'"):
+        served.unload_adapter("zzz")
+    assert served.adapters() == list(CONFIGS)
+
+
+def test_merged_weights_refuse_mixed_batches(saved, alone, batch):
+    ids, mask = batch
+    mm = MultiAdapterModel(tiny_llama())
+    mm.load_adapter("a", saved["a"])
+    mm.load_adapter("b", saved["b"])
+    mm.merge("a")
+    logits = mm(ids, attention_mask=mask, adapter_names=["a"] * 6).logits
+    assert (logits - alone["a"][0]).abs().max() <= 1e-5
+    for names in (["a"] * 5 + ["b"], ["a"] * 5 + [None]):
+        with pytest.raises(RuntimeError, match="merged.*unmerge"):
+            mm(ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        mm.unload_adapter("a")
+    with pytest.raises(RuntimeError, match="already merged"):
+        mm.merge("b")
+    mm.unmerge()
+    names = ["a", "b", None, "a", "b", None]
+    logits = mm(ids, attention_mask=mask, adapter_names=names).logits
+    for i, name in enumerate(names):
+        assert (logits[i] - alone[name][0][i]).abs().max() <= 1e-5
+    with pytest.raises(RuntimeError, match="no adapter is merged"):
+        mm.unmerge()
+
+
+def test_a_base_that_carries_an_mos_adapter_is_refused(saved):
+    with pytest.raises(ValueError, match="already carries an MoS adapter"):
+        MultiAdapterModel(MoSModel.from_pretrained(tiny_llama(), saved["a"]))
+    merged = MoSModel.from_pretrained(tiny_llama(), saved["a"])
+    merged.merge()
+    with pytest.raises(ValueError, match="plain base"):
+        MultiAdapterModel(merged.base_model)
+
+
+def test_wrapper_without_route_is_its_base_layer():
+    linear = nn.Linear(8, 4)
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(MultiAdapterLinear(linear)(x), linear(x))
