@@ -117,3 +117,14 @@ def test_4bit_base_with_gradient_checkpointing(tmp_path, tokenizer):
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
     assert result.model.base_model.is_gradient_checkpointing
     assert float(layer.pools.pool_B.detach().abs().sum()) > 0  # the adapter trained through the 4-bit base
+
+
+def test_nan_loss_stops_training_and_keeps_good_checkpoints(tmp_path, tokenizer):
+    from moslora.train import TrainingDiverged
+
+    base = tiny_base(tokenizer)
+    with torch.no_grad():
+        base.lm_head.weight[0, 0] = float("nan")  # every logit row gets a NaN: the loss is NaN
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1; last good checkpoint: none"):
+        train(tiny_config(tmp_path / "nan"), base=base, tokenizer=tokenizer)
+    assert not list((tmp_path / "nan").rglob("adapter_model.safetensors"))

@@ -189,6 +189,33 @@ class AdapterTrainer(Trainer):
         load_adapter_weights(target, self.state.best_model_checkpoint)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN/Inf loss, before the step's checkpoint is written.
+
+    The Trainer logs before it saves, so raising here keeps the checkpoints on disk the last
+    good ones, and the message says which to resume from.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss became {loss} at step {state.global_step}; last good checkpoint: "
+                f"{_last_checkpoint(args.output_dir) or 'none'}. Lower learning_rate (or raise "
+                "max_grad_norm's strictness) and resume or restart"
+            )
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    steps = [(int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit()]
+    return str(max(steps)[1]) if steps else None
+
+
 class RichProgress(TrainerCallback):
     """A rich progress bar: step, loss, seconds per step, ETA."""
 
@@ -254,6 +281,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, task: Task) -> TrainingA
         metric_for_best_model=best_metric,
         greater_is_better=bool(task.label_words),
         logging_steps=1,
+        logging_nan_inf_filter=False,  # report a NaN loss (StopOnNonFiniteLoss), don't average it away
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=_bf16(),
@@ -296,7 +324,7 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
         train_dataset=_dataset(task, "train", tokenizer, cfg, cfg.train_examples),
         eval_dataset=_dataset(task, "validation", tokenizer, cfg, cfg.eval_examples),
         data_collator=lambda features: collate(features, pad_id),
-        callbacks=[RichProgress()] if cfg.progress else [],
+        callbacks=[StopOnNonFiniteLoss()] + ([RichProgress()] if cfg.progress else []),
         task_metric=task_metric if task.label_words else None,
     )
     if cfg.progress:
