@@ -176,7 +176,11 @@ def _validated_state(
         raise CheckpointError(f"{path / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt") from None
     expected: dict[str, Tensor] = {}
     for kind in kinds:
-        pools = build_pools(config, kind)
+        try:
+            with torch.device("meta"):  # shapes only: a hostile config must not allocate
+                pools = build_pools(config, kind)
+        except ValueError as err:
+            raise CheckpointError(f"adapter {path} does not fit this base model: {err}") from None
         _check_index_range(tensors, kind.key, pools.plan.shards, path)
         expected.update({f"{kind.key}.{k}": v for k, v in pools.state_dict().items()})
     return _checked_state(tensors, expected, path)
@@ -196,7 +200,7 @@ def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path) -> None:
     problems += [
         f"{n}: shape {ours[n]} here, {theirs[n]} in the adapter"
         for n in ours
-        if n in theirs and list(theirs[n]) != list(ours[n])
+        if n in theirs and theirs[n] != list(ours[n])
     ]
     if problems:
         raise CheckpointError(
@@ -210,8 +214,9 @@ def _check_index_range(tensors: dict[str, Tensor], key: str, shards: int, path: 
         index = tensors.get(f"{key}.{side}")
         if index is None or index.numel() == 0:
             continue  # missing keys are reported by _checked_state
-        if index.is_floating_point() or index.dtype == torch.bool:
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise CheckpointError(f"{path / WEIGHTS_NAME}: {key}.{side} must be an integer tensor")
+        index = index.to(torch.int64)  # torch has no min/max for the unsigned wide types
         if int(index.min()) < 0 or int(index.max()) >= shards:
             raise CheckpointError(
                 f"{path / WEIGHTS_NAME}: routing index {key}.{side} points outside its pool of "
@@ -237,7 +242,8 @@ def _checked_state(tensors: dict[str, Tensor], expected: dict[str, Tensor], path
             )
         if got.is_floating_point() != want.is_floating_point():
             raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} has dtype {got.dtype}, expected {want.dtype}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        # check after the cast: a float64 1e300 is finite but loads as Inf in a float32 pool
+        if got.is_floating_point() and not torch.isfinite(got.to(want.dtype)).all():
             raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} holds NaN or Inf values")
         state[key] = got.to(want.dtype)
     return state
