@@ -1,0 +1,505 @@
+"""Quality at matched parameter budgets: MoS vs PEFT LoRA, VeRA and VB-LoRA, and ablations.
+
+Two tracks, both offline:
+  encoder  all-MiniLM-L6-v2 (BERT, 6 layers) + a linear classification head, on ``sentiment``
+           and ``party``; the head is trained identically for every method (same init per
+           seed, same learning rate) and counted apart from the adapter.
+  llm      SmolLM2-135M-Instruct as instruction tuning on ``sentiment`` (label-word scoring).
+
+For each budget ``e`` the suite trains PEFT LoRA at ranks e, 2e, 4e, 8e, PEFT VeRA and PEFT
+VB-LoRA sized to LoRA@e's parameter count, MoS at budget e with per-layer rank 4e and 8e
+(capped where subset selection cannot reach it, see ``mos_rank``), and our LoRA-equivalent
+MoS setting. Every run uses the same data order, steps, schedule and seeds; the learning rate
+of each method family comes from the same three-point sweep around a family default, on seed 0
+of the smallest budget, picked by validation accuracy. Finished runs are appended to
+``runs.jsonl`` in the results folder and skipped when the suite runs again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from .. import MoSConfig, get_mos_model
+from ..data import Example, Task, classification_accuracy, collate, completion_loss, load_task, tokenize_example
+from ..model import find_targets
+from .runs import RunStore, environment, write_json
+
+TRACKS = ("encoder", "llm")
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# every linear layer of BERT's encoder blocks; not the pooler, not the classifier
+ENCODER_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
+                   r"attention\.output\.dense|intermediate\.dense|output\.dense)")
+# learning-rate sweep: the same three points (default / 3, default, default * 3) per family,
+# around each method's usual default (VeRA and VB-LoRA train few scalars / a small bank and
+# are tuned at higher rates in their papers)
+LR_DEFAULTS = {"lora": 1e-3, "mos": 1e-3, "vera": 1e-2, "vblora": 3e-3}
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+VBLORA_RANK, VBLORA_VECTOR = 4, 64
+# VeRA's trainable count grows by only one scalar per layer per rank, so matching LoRA@e takes
+# r in the thousands, and its compute grows with r (x @ A costs d_in·r per token): r = 4032 ran
+# 5x slower than LoRA on the encoder. We cap r at 1024, the VeRA paper's GLUE setting; VeRA's
+# point then sits left of the others on the parameter axis, and its JSON row says so.
+VERA_MAX_RANK = 1024
+
+
+# --------------------------------------------------------------------------------- adapters
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter setting. ``rank`` is the per-layer rank (VeRA's and VB-LoRA's sizes are
+    solved from ``budget`` on the model at hand); ``budget`` is the LoRA rank e it is matched to."""
+
+    method: str  # lora | vera | vblora | mos | lora-eq
+    budget: int
+    rank: int = 0
+    private: int = 1
+    shards: int = 2
+    subset: bool = True
+    pair: bool = True
+    tag: str = ""  # names an ablation variant
+
+    @property
+    def family(self) -> str:
+        """Whose learning rate it uses: LoRA-equivalent MoS is checked at LoRA's."""
+        return "lora" if self.method == "lora-eq" else self.method
+
+    @property
+    def label(self) -> str:
+        if self.method == "lora":
+            return f"LoRA r={self.rank}"
+        if self.method == "mos":
+            return f"MoS e={self.budget} r={self.rank}" + (f" ({self.tag})" if self.tag else "")
+        names = {"vera": "VeRA", "vblora": "VB-LoRA", "lora-eq": "MoS as LoRA"}
+        return f"{names[self.method]} (e={self.budget})"
+
+
+def mos_rank(budget: int, layers: int, private: int, want: int) -> int:
+    """``want``, or the largest rank subset selection allows: (e - p)·L >= r - p."""
+    return min(want, private + (budget - private) * layers)
+
+
+def suite(budgets: tuple[int, ...], layers: int, private: int = 1) -> list[Adapter]:
+    """Every setting of the quality suite for these budgets (LoRA ranks deduplicated)."""
+    ranks = sorted({k * e for e in budgets for k in (1, 2, 4, 8)})
+    adapters = [Adapter("lora", r, rank=r) for r in ranks]
+    for e in budgets:
+        adapters += [Adapter("vera", e), Adapter("vblora", e), Adapter("lora-eq", e, rank=e)]
+        mos = {mos_rank(e, layers, private, k * e) for k in (4, 8)}
+        adapters += [Adapter("mos", e, rank=r, private=private) for r in sorted(mos)]
+    return adapters
+
+
+def ablations(budget: int, rank: int) -> list[Adapter]:
+    """MoS full, each strategy removed, and pure sharing (all four off), at one budget."""
+    # "full" is the quality suite's own MoS setting (untagged), so its runs are shared
+    full = Adapter("mos", budget, rank=rank, private=1, shards=2)
+    return [full,
+            replace(full, subset=False, tag="no subset selection"),
+            replace(full, pair=False, tag="no pair dissociation"),
+            replace(full, shards=1, tag="no vector sharding"),
+            replace(full, private=0, tag="no privatization"),
+            replace(full, subset=False, pair=False, shards=1, private=0, tag="pure sharing")]
+
+
+def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: int) -> tuple[nn.Module, dict]:
+    """Wrap ``base`` (frozen) with ``adapter``; returns the model and the sizes it solved."""
+    dims = [(m.in_features, m.out_features) for m in _modules(base, targets)]
+    if adapter.method in ("mos", "lora-eq"):
+        common = dict(target_modules=targets, alpha=2.0 * adapter.rank, seed=seed)
+        cfg = (MoSConfig.lora_equivalent(adapter.rank, **common) if adapter.method == "lora-eq" else
+               MoSConfig(rank=adapter.rank, budget_rank=adapter.budget, private_rank=adapter.private,
+                         shards_per_vector=adapter.shards, subset_selection=adapter.subset,
+                         pair_dissociation=adapter.pair, **common))
+        return get_mos_model(base, cfg), {}
+    from peft import LoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
+
+    budget = adapter.budget * sum(i + o for i, o in dims)  # LoRA@e's parameter count
+    if adapter.method == "lora":
+        # scale alpha / r = 2 for every rank, as for MoS
+        return get_peft_model(base, LoraConfig(r=adapter.rank, lora_alpha=2 * adapter.rank,
+                                               target_modules=targets)), {}
+    if adapter.method == "vera":
+        # trainable: lambda_d (r) and lambda_b (d_out) per layer; r solves the budget
+        matched = max(1, round((budget - sum(o for _, o in dims)) / len(dims)))
+        r = min(matched, VERA_MAX_RANK)
+        return get_peft_model(base, VeraConfig(r=r, target_modules=targets, projection_prng_key=seed,
+                                               save_projection=False)), {"vera_r": r, "vera_r_matched": matched}
+    if adapter.method == "vblora":
+        # trainable: the bank (n, v) and per layer r·(d_in + d_out)/v logits over n vectors
+        per_vector = VBLORA_VECTOR + VBLORA_RANK * sum(i + o for i, o in dims) // VBLORA_VECTOR
+        n = max(VBLORA_RANK, round(budget / per_vector))
+        return get_peft_model(base, VBLoRAConfig(
+            r=VBLORA_RANK, num_vectors=n, vector_length=VBLORA_VECTOR, topk=2,
+            target_modules=targets, save_only_topk_weights=True)), {"vblora_vectors": n}
+    raise ValueError(f"unknown adapter method {adapter.method!r}")
+
+
+def _modules(model: nn.Module, targets: list[str] | str) -> list[nn.Linear]:
+    named = dict(model.named_modules())
+    return [named[n] for n in find_targets(model, targets)]
+
+
+def adapter_bytes(model: nn.Module, scratch: Path) -> int:
+    """Bytes of the saved adapter (safetensors + config), in each library's own format."""
+    model.save_pretrained(scratch)
+    # weights and config; PEFT also writes a README model card, which is not the adapter
+    size = sum(f.stat().st_size for f in scratch.rglob("*") if f.suffix in (".safetensors", ".json"))
+    for f in sorted(scratch.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    return size
+
+
+# ----------------------------------------------------------------------------------- tracks
+
+@dataclass(frozen=True)
+class TrackSpec:
+    """What a track runs: tasks, budgets, seeds, and the training/eval sizes."""
+
+    name: str
+    tasks: tuple[str, ...]
+    budgets: tuple[int, ...]
+    seeds: int
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_examples: int
+    test_examples: int
+    head_lr: float = 0.0  # classification head (encoder track); 0 = no head
+    sweep: bool = True
+
+    def quick(self) -> "TrackSpec":
+        """Minutes instead of an hour: one task, the smaller budget, one seed, no sweep."""
+        return replace(self, tasks=self.tasks[:1], budgets=self.budgets[:1], seeds=1,
+                       steps=max(10, self.steps // 10), eval_examples=32, test_examples=64,
+                       sweep=False)
+
+
+SPECS = {
+    # sized for the 2.5-hour, 2-core budget: a MiniLM step (16 x <=64 tokens) takes ~0.25 s,
+    # a SmolLM2 step (8 x ~80 tokens) ~2.5 s, so the LLM track runs one budget, the encoder two
+    "encoder": TrackSpec("encoder", ("sentiment", "party"), budgets=(4, 8), seeds=5, steps=100,
+                         batch_size=16, max_length=64, eval_examples=300, test_examples=1000,
+                         head_lr=2e-3),
+    "llm": TrackSpec("llm", ("sentiment",), budgets=(2,), seeds=3, steps=30, batch_size=8,
+                     max_length=96, eval_examples=60, test_examples=150),
+}
+
+
+class Track:
+    """A loaded base model and tokenizer with the track's batching and metric."""
+
+    spec: TrackSpec
+    targets: list[str] | str
+    layers: int
+
+    def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
+        """A copy of the base (and its head, initialized from ``seed``) and the head's parameters."""
+        raise NotImplementedError
+
+    def batches(self, examples: list[Example], seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless shuffled training batches, reshuffled each epoch, reproducible from ``seed``."""
+        rng = random.Random(seed)
+        order = list(range(len(examples)))
+        while True:
+            rng.shuffle(order)
+            for start in range(0, len(order) - self.spec.batch_size + 1, self.spec.batch_size):
+                yield self.collate([examples[i] for i in order[start:start + self.spec.batch_size]])
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
+        """``accuracy`` and ``loss`` (mean cross-entropy of the answer) on ``examples``."""
+        raise NotImplementedError
+
+
+class EncoderTrack(Track):
+    def __init__(self, spec: TrackSpec) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..assets import encoder_model_path
+
+        path = encoder_model_path()
+        self.spec, self.targets = spec, ENCODER_TARGETS
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        self.layers = self.base.config.num_hidden_layers
+
+    def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
+        model = copy.deepcopy(self.base)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model.classifier.reset_parameters()
+        return model, list(model.classifier.parameters())
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        # the encoder sees the text alone, not the LLM's instruction before it
+        texts = [e.prompt.split("\n\n", 1)[-1] for e in examples]
+        batch = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length,
+                               padding=True, return_tensors="pt")
+        return {**batch, "labels": torch.tensor([e.label for e in examples])}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
+        model.eval()
+        correct, loss = 0, 0.0
+        for start in range(0, len(examples), 64):
+            batch = self.collate(examples[start:start + 64])
+            out = model(**batch)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            loss += float(out.loss) * len(batch["labels"])
+        model.train()
+        return {"accuracy": correct / len(examples), "loss": loss / len(examples)}
+
+
+class LLMTrack(Track):
+    def __init__(self, spec: TrackSpec) -> None:
+        from ..train import load_base
+
+        self.spec, self.targets = spec, LLM_TARGETS
+        self.base, self.tokenizer = load_base(None)
+        self.layers = self.base.config.num_hidden_layers
+
+    def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
+        return copy.deepcopy(self.base), []
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        features = [tokenize_example(self.tokenizer, e, self.spec.max_length) for e in examples]
+        return collate(features, self.tokenizer.pad_token_id)
+
+    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
+        n = self.spec.max_length
+        return {"accuracy": classification_accuracy(model, self.tokenizer, examples, labels, n, 16),
+                "loss": completion_loss(model, self.tokenizer, examples, n, 16)}
+
+
+def load_track(spec: TrackSpec) -> Track:
+    return {"encoder": EncoderTrack, "llm": LLMTrack}[spec.name](spec)
+
+
+# -------------------------------------------------------------------------------- one run
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one run's result; its hash is the cache key."""
+
+    track: str
+    task: str
+    adapter: Adapter
+    lr: float
+    seed: int
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_examples: int
+    test_examples: int
+    head_lr: float
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) -> dict[str, Any]:
+    """Fine-tune one adapter, then score validation and test: the record stored for ``run``."""
+    torch.manual_seed(run.seed)
+    base, head = track.fresh_model(run.seed)
+    model, solved = attach(base, run.adapter, track.targets, run.seed)
+    for p in head:
+        p.requires_grad_(True)
+    head_ids = {id(p) for p in head}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": params, "lr": run.lr}] + ([{"params": head, "lr": run.head_lr}] if head else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, run.steps // 10), run.steps)
+    batches = track.batches(task.train, run.seed)
+    start, losses = time.perf_counter(), []
+    model.train()
+    for _ in range(run.steps):
+        loss = model(**next(batches)).loss
+        if not torch.isfinite(loss):
+            break  # a diverged run is recorded as such; the sweep skips it
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + head, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().item())
+    seconds = time.perf_counter() - start
+    diverged = len(losses) < run.steps
+    nan = {"accuracy": math.nan, "loss": math.nan}
+    val = nan if diverged else track.evaluate(model, task.validation[:run.eval_examples], task.label_words)
+    test = nan if diverged else track.evaluate(model, task.test[:run.test_examples], task.label_words)
+    return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
+            "adapter_params": sum(p.numel() for p in params),
+            "head_params": sum(p.numel() for p in head),
+            "adapter_bytes": adapter_bytes(model, scratch / run.key),
+            "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"], "diverged": diverged, "train_seconds": seconds,
+            "first_loss": losses[0] if losses else math.nan,
+            "last_loss": statistics.fmean(losses[-10:]) if losses else math.nan}
+
+
+# ----------------------------------------------------------------------------------- suite
+
+@dataclass
+class Runner:
+    """Runs RunSpecs through the cache with one progress bar for the whole plan."""
+
+    store: RunStore
+    scratch: Path
+    progress: Progress
+    task_id: Any = None
+    tracks: dict[str, Track] = field(default_factory=dict)
+    tasks: dict[tuple[str, str], Task] = field(default_factory=dict)
+
+    def __call__(self, spec: TrackSpec, run: RunSpec) -> dict[str, Any]:
+        record = self.store.get(run.key)
+        if record is None:
+            track = self.track(spec)
+            if (spec.name, run.task) not in self.tasks:
+                self.tasks[spec.name, run.task] = load_task(run.task, seed=0)
+            self.progress.update(self.task_id, description=f"{spec.name}/{run.task} {run.adapter.label} "
+                                                           f"lr={run.lr:.0e} seed={run.seed}")
+            record = train_and_evaluate(track, self.tasks[spec.name, run.task], run, self.scratch)
+            self.store.add(record)
+        self.progress.advance(self.task_id)
+        return record
+
+    def track(self, spec: TrackSpec) -> Track:
+        """The track's model, loaded once (its depth decides which MoS ranks fit)."""
+        if spec.name not in self.tracks:
+            self.tracks[spec.name] = load_track(spec)
+        return self.tracks[spec.name]
+
+
+def _run_spec(spec: TrackSpec, task: str, adapter: Adapter, lr: float, seed: int) -> RunSpec:
+    return RunSpec(spec.name, task, adapter, lr, seed, spec.steps, spec.batch_size, spec.max_length,
+                   spec.eval_examples, spec.test_examples, spec.head_lr)
+
+
+def _sweep_adapter(adapters: list[Adapter], family: str) -> Adapter:
+    """The family member the learning rate is tuned on: its smallest-budget, smallest setting."""
+    members = [a for a in adapters if a.family == family and a.method != "lora-eq"]
+    return min(members, key=lambda a: (a.budget, a.rank))
+
+
+def learning_rates(spec: TrackSpec, task: str, adapters: list[Adapter], runner: Runner,
+                   families: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Per family: the swept rates with seed-0 validation accuracy, and the chosen one."""
+    chosen = {}
+    for family in families or sorted({a.family for a in adapters}):
+        grid = [LR_DEFAULTS[family] * f for f in LR_FACTORS] if spec.sweep else [LR_DEFAULTS[family]]
+        probe = _sweep_adapter(adapters, family)
+        scores = {lr: runner(spec, _run_spec(spec, task, probe, lr, 0))["val_accuracy"] for lr in grid}
+        finite = {lr: s for lr, s in scores.items() if not math.isnan(s)} or scores
+        chosen[family] = {"adapter": probe.label, "grid": scores, "lr": max(finite, key=finite.get)}
+    return chosen
+
+
+def _plan_size(spec: TrackSpec, adapters: list[Adapter]) -> int:
+    families = {a.family for a in adapters}
+    sweep = len(families) * (len(LR_FACTORS) if spec.sweep else 1)
+    return len(spec.tasks) * (sweep + len(adapters) * spec.seeds)
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """mean ± std over seeds of the test metrics, with sizes (the same for every seed)."""
+    def stats(key: str) -> dict[str, float]:
+        values = [r[key] for r in records]
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    first = records[0]
+    return {"label": first["label"], "adapter": first["run"]["adapter"], "lr": first["run"]["lr"],
+            "seeds": [r["run"]["seed"] for r in records], "solved": first["solved"],
+            "adapter_params": first["adapter_params"], "head_params": first["head_params"],
+            "adapter_bytes": first["adapter_bytes"], "accuracy": stats("test_accuracy"),
+            "loss": stats("test_loss"), "train_seconds": stats("train_seconds"),
+            "diverged": sum(r["diverged"] for r in records)}
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(elapsed_when_finished=True))
+
+
+def _specs(names: list[str], quick: bool) -> list[TrackSpec]:
+    return [SPECS[n].quick() if quick else SPECS[n] for n in names]
+
+
+def _suite_dir(results_dir: Path, quick: bool) -> Path:
+    # quick runs never mix with (or replace) the full suite's numbers
+    return results_dir / "quick" if quick else results_dir
+
+
+def run_quality(quick: bool = False, results_dir: Path = Path("results"),
+                tracks: list[str] | tuple[str, ...] = TRACKS) -> dict[str, Any]:
+    """The quality suite; writes ``quality.json`` (+ ``runs.jsonl``, plots) under ``results_dir``."""
+    out = _suite_dir(Path(results_dir), quick)
+    specs = _specs(list(tracks), quick)
+    result: dict[str, Any] = {"suite": "quality", "quick": quick, "environment": environment(), "tracks": {}}
+    with _progress() as progress:
+        runner = Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress)
+        plans = [(spec, suite(spec.budgets, runner.track(spec).layers)) for spec in specs]
+        runner.task_id = progress.add_task("quality", total=sum(_plan_size(s, a) for s, a in plans))
+        for spec, adapters in plans:
+            track_result = {"spec": asdict(spec), "tasks": {}}
+            for task in spec.tasks:
+                rates = learning_rates(spec, task, adapters, runner)
+                rows = [summarize([runner(spec, _run_spec(spec, task, a, rates[a.family]["lr"], s))
+                                   for s in range(spec.seeds)]) for a in adapters]
+                track_result["tasks"][task] = {"learning_rates": rates, "results": rows}
+            result["tracks"][spec.name] = track_result
+    write_json(out / "quality.json", result)
+    from .report import plot_quality
+
+    plot_quality(result, out / "quality.png")
+    return result
+
+
+ABLATION_TRACK, ABLATION_TASK, ABLATION_BUDGET = "encoder", "sentiment", 4
+
+
+def run_ablation(quick: bool = False, results_dir: Path = Path("results")) -> dict[str, Any]:
+    """MoS full vs each strategy removed vs pure sharing, with LoRA@e and LoRA@8e for scale."""
+    out = _suite_dir(Path(results_dir), quick)
+    spec = _specs([ABLATION_TRACK], quick)[0]
+    seeds = 1 if quick else max(3, spec.seeds)
+    with _progress() as progress:
+        runner = Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress)
+        layers = runner.track(spec).layers
+        rank = mos_rank(ABLATION_BUDGET, layers, 1, 4 * ABLATION_BUDGET)
+        variants = ablations(ABLATION_BUDGET, rank)
+        references = [Adapter("lora", ABLATION_BUDGET, rank=ABLATION_BUDGET),
+                      Adapter("lora", 8 * ABLATION_BUDGET, rank=8 * ABLATION_BUDGET)]
+        sweep = 2 * (len(LR_FACTORS) if spec.sweep else 1)
+        runner.task_id = progress.add_task("ablation", total=sweep + (len(variants) + 2) * seeds)
+        # the quality suite's learning rates: same probes, same sweep, so the same cache entries
+        rates = learning_rates(spec, ABLATION_TASK, suite(spec.budgets, layers), runner,
+                               families=("lora", "mos"))
+        rows = [summarize([runner(spec, _run_spec(spec, ABLATION_TASK, a, rates[a.family]["lr"], s))
+                           for s in range(seeds)]) for a in variants + references]
+    result = {"suite": "ablation", "quick": quick, "environment": environment(),
+              "track": ABLATION_TRACK, "task": ABLATION_TASK, "budget": ABLATION_BUDGET, "rank": rank,
+              "spec": asdict(spec), "learning_rates": rates, "results": rows}
+    write_json(out / "ablation.json", result)
+    from .report import plot_ablation
+
+    plot_ablation(result, out / "ablation.png")
+    return result
+
+

@@ -1,0 +1,165 @@
+"""Plots and the README's Results section, drawn from the JSON files in results/.
+
+Nothing here measures: every number in the README's Results section comes from these files,
+so re-running ``moslora bench report`` after a benchmark is how the README stays true.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+import matplotlib.pyplot as plt  # noqa: E402
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COLORS = {"lora": "tab:blue", "vera": "tab:green", "vblora": "tab:purple", "mos": "tab:red",
+          "lora-eq": "tab:orange"}
+NAMES = {"lora": "PEFT LoRA", "vera": "PEFT VeRA", "vblora": "PEFT VB-LoRA", "mos": "MoS",
+         "lora-eq": "MoS as LoRA (check)"}
+
+
+def plot_quality(result: dict[str, Any], path: Path) -> None:
+    """Accuracy vs adapter parameters (log x), one panel per track and task, every method."""
+    panels = [(t, task, data["results"]) for t, track in result["tracks"].items()
+              for task, data in track["tasks"].items()]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (track, task, rows) in zip(axes[0], panels):
+        for method in COLORS:
+            mine = sorted((r for r in rows if r["adapter"]["method"] == method),
+                          key=lambda r: r["adapter_params"])
+            if not mine:
+                continue
+            ax.errorbar([r["adapter_params"] for r in mine], [r["accuracy"]["mean"] for r in mine],
+                        yerr=[r["accuracy"]["std"] for r in mine], color=COLORS[method],
+                        marker="o", capsize=3, label=NAMES[method],
+                        linestyle="-" if method == "lora" else "none")
+            for r in mine:
+                if method in ("lora", "mos"):
+                    note = f"r={r['adapter']['rank']}" + (f",e={r['adapter']['budget']}" if method == "mos" else "")
+                    ax.annotate(note, (r["adapter_params"], r["accuracy"]["mean"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters (head excluded)")
+        ax.set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.set_title(f"{track} · {task}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_ablation(result: dict[str, Any], path: Path) -> None:
+    """Bar per MoS variant with std error bars; LoRA references as horizontal lines."""
+    variants = [r for r in result["results"] if r["adapter"]["method"] == "mos"]
+    references = [r for r in result["results"] if r["adapter"]["method"] == "lora"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = range(len(variants))
+    ax.bar(xs, [r["accuracy"]["mean"] for r in variants], yerr=[r["accuracy"]["std"] for r in variants],
+           capsize=4, color=COLORS["mos"], alpha=0.8)
+    ax.set_xticks(list(xs), [variant_name(r) for r in variants], rotation=20, ha="right")
+    for ref, style in zip(references, ("--", ":")):
+        ax.axhline(ref["accuracy"]["mean"], color=COLORS["lora"], linestyle=style, label=ref["label"])
+    values = [r["accuracy"]["mean"] for r in result["results"]]
+    spread = max(values) - min(values)
+    ax.set_ylim(min(values) - spread - 0.01, max(values) + spread + 0.01)
+    ax.set_ylabel("test accuracy (mean ± std)")
+    ax.set_title(f"MoS ablation · {result['track']} · {result['task']} · e={result['budget']}, "
+                 f"r={result['rank']}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def variant_name(row: dict[str, Any]) -> str:
+    """An ablation row's name: its tag, "full" for untagged MoS, else the setting's label."""
+    if row["adapter"]["method"] != "mos":
+        return row["label"]
+    return row["adapter"]["tag"] or "full"
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
+    if math.isnan(stat["mean"]):
+        return "diverged"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def quality_markdown(result: dict[str, Any]) -> str:
+    lines = []
+    for track, data in result["tracks"].items():
+        spec = data["spec"]
+        for task, table in data["tasks"].items():
+            lrs = ", ".join(f"{k} {v['lr']:.1e}" for k, v in table["learning_rates"].items())
+            lines += [f"**{track} · {task}** — {spec['steps']} steps × batch {spec['batch_size']}, "
+                      f"{len(table['results'][0]['seeds'])} seeds, {spec['test_examples']} test examples; "
+                      f"learning rates (swept): {lrs}", "",
+                      "| setting | adapter params | adapter bytes | accuracy | eval loss |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['label']} | {r['adapter_params']:,} | {r['adapter_bytes']:,} | "
+                      f"{_pm(r['accuracy'])} | {_pm(r['loss'])} |" for r in table["results"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def ablation_markdown(result: dict[str, Any]) -> str:
+    full = result["results"][0]["accuracy"]["mean"]
+    lines = [f"**Ablation** ({result['track']} · {result['task']}, e={result['budget']}, "
+             f"r={result['rank']}, {len(result['results'][0]['seeds'])} seeds)", "",
+             "| variant | adapter params | accuracy | Δ vs full (points) |", "|---|---:|---:|---:|"]
+    for r in result["results"]:
+        name = variant_name(r)
+        delta = 100 * (r["accuracy"]["mean"] - full)
+        lines.append(f"| {name} | {r['adapter_params']:,} | {_pm(r['accuracy'])} | {delta:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results_dir: Path) -> str:
+    """The Results section's body from whichever result files exist."""
+    parts = ["_Generated by `moslora bench report` from `results/*.json`; do not edit by hand._", ""]
+    quality = _load(results_dir / "quality.json")
+    if quality:
+        parts += ["### Quality at matched budgets", "", quality_markdown(quality),
+                  "![quality vs parameters](results/quality.png)", ""]
+    ablation = _load(results_dir / "ablation.json")
+    if ablation:
+        parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
+                  "![ablation](results/ablation.png)", ""]
+    if (results_dir / "speed.png").is_file():
+        parts += ["### Speed", "", "See `results/speed.json`.", "", "![speed](results/speed.png)", ""]
+    return "\n".join(parts)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_report(results_dir: Path = Path("results"), readme: Path = Path("README.md")) -> None:
+    """Redraw the plots and replace the README's Results section (between its markers)."""
+    from .runs import write_text
+
+    results_dir = Path(results_dir)
+    for name, plot in (("quality", plot_quality), ("ablation", plot_ablation)):
+        data = _load(results_dir / f"{name}.json")
+        if data:
+            plot(data, results_dir / f"{name}.png")
+    text = readme.read_text()
+    body = f"{START}\n{results_markdown(results_dir)}{END}"
+    if START in text and END in text:
+        text = text[:text.index(START)] + body + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + f"\n\n## Results\n\n{body}\n"
+    write_text(readme, text)

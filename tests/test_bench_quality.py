@@ -1,0 +1,81 @@
+"""The quality benchmark's quick mode end to end (encoder track), its cache and its report."""
+
+import json
+import math
+
+import pytest
+
+from moslora.bench import quality, report
+from moslora.bench.runs import RunStore
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = quality.run_quality(quick=True, results_dir=out, tracks=["encoder"])
+    ablation = quality.run_ablation(quick=True, results_dir=out)
+    return out, result, ablation
+
+
+def test_quick_quality_writes_schema_and_finite_metrics(quick):
+    out, result, _ = quick
+    saved = json.loads((out / "quick" / "quality.json").read_text())
+    assert saved["tracks"].keys() == {"encoder"} and saved["environment"]["versions"]["torch"]
+    assert (out / "quick" / "quality.png").stat().st_size > 0
+    rows = saved["tracks"]["encoder"]["tasks"]["sentiment"]["results"]
+    assert {r["adapter"]["method"] for r in rows} == {"lora", "vera", "vblora", "mos", "lora-eq"}
+    for r in rows:
+        for metric in ("accuracy", "loss"):
+            assert math.isfinite(r[metric]["mean"]), (r["label"], metric)
+        assert 0 <= r["accuracy"]["mean"] <= 1 and r["adapter_bytes"] > 0 and r["diverged"] == 0
+
+
+def test_quick_quality_budgets_are_matched(quick):
+    _, result, _ = quick
+    rows = result["tracks"]["encoder"]["tasks"]["sentiment"]["results"]
+    e = result["tracks"]["encoder"]["spec"]["budgets"][0]
+    by = {(r["adapter"]["method"], r["adapter"]["rank"] or r["adapter"]["budget"]): r for r in rows}
+    lora_e = by["lora", e]["adapter_params"]
+    assert by["lora-eq", e]["adapter_params"] == lora_e  # the LoRA-equivalent setting is LoRA@e
+    assert all(r["adapter_params"] <= lora_e for r in rows if r["adapter"]["method"] == "mos")
+    assert abs(by["vblora", e]["adapter_params"] / lora_e - 1) < 0.05
+    assert by["lora", 8 * e]["adapter_params"] == 8 * lora_e
+    head = {r["head_params"] for r in rows}
+    assert head == {2 * 384 + 2}  # the same classification head for every method, counted apart
+
+
+def test_quick_ablation_has_every_variant(quick):
+    out, _, ablation = quick
+    tags = [report.variant_name(r) for r in ablation["results"] if r["adapter"]["method"] == "mos"]
+    assert tags == ["full", "no subset selection", "no pair dissociation", "no vector sharding",
+                    "no privatization", "pure sharing"]
+    assert all(math.isfinite(r["accuracy"]["mean"]) for r in ablation["results"])
+    assert (out / "quick" / "ablation.png").stat().st_size > 0
+
+
+def test_finished_runs_are_reused(quick):
+    out, result, _ = quick
+    store = out / "quick" / "runs.jsonl"
+    before = store.read_text()
+    again = quality.run_quality(quick=True, results_dir=out, tracks=["encoder"])
+    assert store.read_text() == before  # nothing trained again
+    assert again["tracks"]["encoder"]["tasks"] == result["tracks"]["encoder"]["tasks"]
+
+
+def test_run_store_ignores_a_torn_last_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    RunStore(path).add({"key": "a", "x": 1})
+    with path.open("a") as f:
+        f.write('{"key": "b", "x"')  # killed mid-append
+    assert RunStore(path).records == {"a": {"key": "a", "x": 1}}
+
+
+def test_report_replaces_only_its_section(quick, tmp_path):
+    out, _, _ = quick
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    report.write_report(out / "quick", readme)
+    first = readme.read_text()
+    assert first.startswith("# title\n\nintro\n") and "| LoRA r=4 |" in first
+    report.write_report(out / "quick", readme)
+    assert readme.read_text() == first  # idempotent: the section is replaced, not appended
