@@ -124,6 +124,25 @@ def test_beams_keep_their_rows_adapter(served, saved, batch):
         assert torch.equal(out[i], ref[i])
 
 
+def test_one_adapter_batch_takes_the_plain_matmul_path(served, saved, alone, batch):
+    ids, mask = batch
+    layer = served._layers["model.layers.0.self_attn.q_proj"]
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(module.route.a.dim()))
+    try:
+        logits = served(ids, attention_mask=mask, adapter_names=["a"] * 6).logits
+        out = served.generate(ids[:2], attention_mask=mask[:2], adapter_names=["b", "b"], max_new_tokens=3,
+                              num_beams=2, do_sample=False, pad_token_id=0)
+        served(ids[:2], attention_mask=mask[:2], adapter_names=["b", "a"])
+    finally:
+        hook.remove()
+    assert seen[0] == 2 and seen[-1] == 3, "one adapter: unbatched factors; mixed rows: per-row factors"
+    assert (logits - alone["a"][0]).abs().max() <= 1e-5
+    ref = MoSModel.from_pretrained(tiny_llama(), saved["b"]).generate(
+        ids[:2], attention_mask=mask[:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
 def test_cache_gives_the_same_logits_within_its_budget(saved, batch):
     ids, _ = batch
     names = ["a", "b", "a", None, "b", "b"]
@@ -266,3 +285,75 @@ def test_wrapper_without_route_is_its_base_layer():
     linear = nn.Linear(8, 4)
     x = torch.randn(3, 5, 8)
     assert torch.equal(MultiAdapterLinear(linear)(x), linear(x))
+
+
+# ---------------------------------------------------------------------------- shared routing indices
+
+SHARED_CFG = MoSConfig(target_modules=["q_proj", "down_proj"], rank=5, budget_rank=2, private_rank=1,
+                       shards_per_vector=2, alpha=9.0)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """Adapters "s1" and "s2": the same config and seed (so the same routing), other weights;
+    "t": another seed. name -> directory."""
+    root = tmp_path_factory.mktemp("seeded")
+    for i, (name, seed) in enumerate([("s1", 0), ("s2", 0), ("t", 4)]):
+        model = get_mos_model(tiny_llama(), MoSConfig(**{**SHARED_CFG.to_dict(), "seed": seed}))
+        randomize_adapter(model, seed=20 + i)
+        model.save_pretrained(root / name)
+    return {name: root / name for name in ("s1", "s2", "t")}
+
+
+def _indices(mm, name):
+    return [t for pools in mm.adapter_pools[name].values() for t in (pools.index_A, pools.index_B)]
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_same_seed_adapters_share_routing_indices(seeded, batch):
+    ids, mask = batch
+    mm = MultiAdapterModel(tiny_llama())
+    for name, path in seeded.items():
+        mm.load_adapter(name, path)
+    s1, s2, t = (_indices(mm, n) for n in ("s1", "s2", "t"))
+    assert all(a is b for a, b in zip(s1, s2)), "same seed and config: one resident copy"
+    assert not {id(a) for a in s1} & {id(a) for a in t}, "another seed routes differently: nothing shared"
+    assert not all(torch.equal(a, b) for a, b in zip(s1, t))
+
+    report = mm.memory_report()
+    own = {n: sum(p.numel() * p.element_size() for p in mm.adapter_pools[n].parameters()) for n in seeded}
+    assert report["shared"] == _nbytes(s1) > 0
+    assert report["adapters"] == {"s1": own["s1"], "s2": own["s2"], "t": own["t"] + _nbytes(t)}
+    assert report["adapters_total"] == sum(report["adapters"].values()) + report["shared"]
+
+    names = ["s1", "t", "s2", None, "s2", "s1"]
+    logits = mm(ids, attention_mask=mask, adapter_names=names).logits
+    for name in seeded:
+        ref = MoSModel.from_pretrained(tiny_llama(), seeded[name])(ids, attention_mask=mask).logits
+        for i in (i for i, n in enumerate(names) if n == name):
+            assert (logits[i] - ref[i]).abs().max() <= 1e-5, name
+
+    gone = weakref.ref(s1[0])
+    del s1, s2
+    mm.unload_adapter("s1")
+    after = mm.memory_report()
+    assert after["shared"] == 0 and after["adapters"]["s2"] == own["s2"] + report["shared"]
+    mm.unload_adapter("s2")
+    gc.collect()
+    assert gone() is None, "unloading the last user frees the shared indices"
+    assert mm.memory_report()["adapters_total"] == report["adapters"]["t"]
+
+
+def test_indices_with_equal_digests_but_other_content_are_not_shared(seeded, batch, monkeypatch):
+    # a digest is only a lookup key: sharing needs the contents to be equal
+    monkeypatch.setattr("moslora.serving.multi._digest", lambda t: "collision")
+    ids, _ = batch
+    mm = MultiAdapterModel(tiny_llama())
+    mm.load_adapter("s1", seeded["s1"])
+    mm.load_adapter("t", seeded["t"])
+    assert mm.memory_report()["shared"] == 0
+    ref = MoSModel.from_pretrained(tiny_llama(), seeded["t"])(ids).logits
+    assert (mm(ids, adapter_names=["t"] * 6).logits - ref).abs().max() <= 1e-5

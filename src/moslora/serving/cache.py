@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import Tensor
 
-Factors = dict[str, tuple[Tensor, Tensor]]  # module name -> (A^T: (d_in, r), scaling · B^T: (r, d_out))
+Factors = dict[str, tuple[Tensor, Tensor]]  # module name -> (A: (r, d_in), B: (d_out, r)), unscaled
 
 
 def factors_nbytes(factors: Factors) -> int:

@@ -3,27 +3,35 @@
 Each adapter stays in its compact form (pools, private segments, routing indices). A call
 
 1. assembles the factors of each adapter present in the batch (``ShardPools.factors``, one
-   gather per kind, or from the ``FactorCache``), scaling folded into ``B``;
-2. gives every wrapped layer its per-row factors ``A^T: (rows, d_in, r_max)`` and
-   ``B^T: (rows, r_max, d_out)``: row ``i`` holds its adapter's factors for that layer,
-   zero-padded to the largest rank, or zeros (base rows; adapters that skip the layer);
+   gather per kind, or from the ``FactorCache``);
+2. gives every wrapped layer its per-row factors ``A: (rows, r_max, d_in)`` and
+   ``B: (rows, d_out, r_max)``: row ``i`` holds its adapter's factors for that layer,
+   zero-padded to the largest rank, or zeros (base rows; adapters that skip the layer); when
+   every row names the same adapter, that adapter's factors alone;
 3. runs the base once. Each ``MultiAdapterLinear`` computes ``base(x)`` for the whole batch and
-   adds every row's ``B (A x)`` with two batched matmuls (Punica's BGMV: each row's factors,
-   then ``bmm``), with no Python loop over adapters.
+   adds every row's ``scale · B (A x)`` into it with two batched matmuls (Punica's BGMV: each
+   row's factors, then ``bmm``), or two plain matmuls for a one-adapter batch, with no Python
+   loop over adapters.
 
 Step 2 happens once per call, so ``generate`` pays it once, not at every new token; it holds
 ``rows`` dense factor sets for the call's duration. Zero padding and zero rows are exact:
 they add products with 0.
+
+Routing indices are a deterministic function of (seed, config, kind), so adapters trained
+with the same seed carry identical ones: the registry keeps one copy of each distinct index
+tensor (``_IndexStore``), and ``memory_report`` counts it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,33 +61,83 @@ class _AdapterInfo:
     kinds: tuple[Kind, ...]
 
 
+class _IndexStore:
+    """One resident copy of each distinct routing-index tensor, shared by the adapters that use it.
+
+    Keyed by a digest of dtype, shape and content, and a hit is confirmed with ``torch.equal``
+    before it is shared (a digest collision keeps the adapter's own copy). Entries are weak:
+    the tensor lives as long as some loaded adapter holds it, so unloading its last user
+    frees it with no bookkeeping here.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: weakref.WeakValueDictionary[str, Tensor] = weakref.WeakValueDictionary()
+
+    def intern(self, index: Tensor) -> Tensor:
+        """The resident tensor equal to ``index`` (which becomes it, if there is none yet)."""
+        key = _digest(index)
+        resident = self._tensors.get(key)
+        if resident is None:
+            self._tensors[key] = index
+            return index
+        same = resident.dtype == index.dtype and resident.shape == index.shape and torch.equal(resident, index)
+        return resident if same else index
+
+
+def _digest(t: Tensor) -> str:
+    """A lookup key for ``t``'s dtype, shape and contents (hashing the few kB of an index)."""
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------- layer
+
+
+class Route(NamedTuple):
+    """One layer's adapter factors for the rows of one call.
+
+    Mixed rows: ``a: (rows, r_max, d_in)``, ``b: (rows, d_out, r_max)`` (zero-padded to the
+    largest rank; zeros for rows without an update here) and ``scale: (rows, 1, 1)``. One
+    adapter for every row: ``a: (r, d_in)``, ``b: (d_out, r)`` and a float ``scale``.
+    """
+
+    a: Tensor
+    b: Tensor
+    scale: Tensor | float
 
 
 class MultiAdapterLinear(nn.Module):
     """A frozen linear layer plus, per batch row, the update of that row's adapter.
 
     ``route`` is set by ``MultiAdapterModel`` for the duration of one call and is ``None``
-    otherwise (the layer is then exactly its base layer): each row's ``A^T: (rows, d_in, r)``
-    and ``B^T: (rows, r, d_out)``, transposed so that they are contiguous ``bmm`` operands.
+    otherwise (the layer is then exactly its base layer).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
-        self.route: tuple[Tensor, Tensor] | None = None
+        self.route: Route | None = None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``x: (rows, ..., d_in) -> (rows, ..., d_out)``."""
+        """``x: (rows, ..., d_in) -> (rows, ..., d_out)``: ``base(x) + scale · B (A x)`` per row."""
         y = self.base_layer(x, *args, **kwargs)
         if self.route is None:
             return y
-        rows = x.shape[0]
-        a_t, b_t = (_expand(t, rows) for t in self.route)
-        h = torch.bmm(x.reshape(rows, -1, self.d_in).to(a_t.dtype), a_t)  # (rows, tokens, r)
-        # y + h B^T in one pass over y (baddbmm), rather than a separate delta and add
-        out = torch.baddbmm(y.reshape(rows, -1, self.d_out).to(b_t.dtype), h, b_t)
+        a, b, scale = self.route
+        # the update is added into base(x)'s fresh output in place (a copy only if the base
+        # computes in another dtype): one pass over y instead of a delta tensor plus an add
+        if a.dim() == 2:  # one adapter for every row: one plain matmul over all tokens
+            out = y.reshape(-1, self.d_out).to(b.dtype)
+            h = (x.reshape(-1, self.d_in).to(a.dtype) @ a.T).mul_(scale)  # (tokens, r)
+            out.addmm_(h, b.T)
+        else:  # Punica's BGMV: each row its own factors, batched; the transposes are free views
+            rows = x.shape[0]
+            a, b, scale = (_expand(t, rows) for t in (a, b, scale))
+            out = y.reshape(rows, -1, self.d_out).to(b.dtype)
+            h = torch.bmm(x.reshape(rows, -1, self.d_in).to(a.dtype), a.transpose(1, 2)).mul_(scale)
+            out.baddbmm_(h, b.transpose(1, 2))
         return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -87,7 +145,7 @@ class MultiAdapterLinear(nn.Module):
 
 
 def _expand(per_row: Tensor, rows: int) -> Tensor:
-    """Per-row factors for ``rows`` rows. HF generate repeats each row ``k`` times in place
+    """Per-row values for ``rows`` rows. HF generate repeats each row ``k`` times in place
     (``repeat_interleave``) for ``num_beams`` / ``num_return_sequences``; copies keep the
     row's adapter."""
     if rows == per_row.shape[0]:
@@ -97,25 +155,27 @@ def _expand(per_row: Tensor, rows: int) -> Tensor:
     return per_row.repeat_interleave(rows // per_row.shape[0], dim=0)
 
 
-def _per_row(factors: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor] | None:
-    """One layer's factors for each row (``None``: base row, or its adapter skips the layer),
-    zero-padded to the largest rank: ``A^T: (rows, d_in, r_max)``, ``B^T: (rows, r_max, d_out)``;
-    ``None`` if no row has an update here."""
+def _route(factors: list[tuple[Tensor, Tensor] | None], scales: list[float]) -> Route | None:
+    """One layer's route from each row's ``(A: (r, d_in), B: (d_out, r))`` (``None``: base row,
+    or its adapter skips the layer) and adapter scaling; ``None`` if no row has an update here."""
     present = [f for f in factors if f is not None]
     if not present:
         return None
-    rank = max(a_t.shape[1] for a_t, _ in present)
-    a0, b0 = present[0]
-    zero = (a0.new_zeros(a0.shape[0], rank), b0.new_zeros(rank, b0.shape[1]))
+    first = present[0]
+    if all(f is first for f in factors):  # every row, one adapter: no per-row copies at all
+        return Route(*first, scales[0])
+    rank = max(a.shape[0] for a, _ in present)
+    zero = (first[0].new_zeros(rank, first[0].shape[1]), first[1].new_zeros(first[1].shape[0], rank))
 
     def padded(pair: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         if pair is None:
             return zero
-        missing = rank - pair[0].shape[1]
-        return (F.pad(pair[0], (0, missing)), F.pad(pair[1], (0, 0, 0, missing))) if missing else pair
+        missing = rank - pair[0].shape[0]
+        return (F.pad(pair[0], (0, 0, 0, missing)), F.pad(pair[1], (0, missing))) if missing else pair
 
     pairs = [padded(pair) for pair in factors]
-    return torch.stack([a_t for a_t, _ in pairs]), torch.stack([b_t for _, b_t in pairs])
+    scale = torch.tensor(scales, dtype=first[0].dtype, device=first[0].device).view(-1, 1, 1)
+    return Route(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), scale)
 
 
 # ---------------------------------------------------------------------------- model
@@ -130,7 +190,8 @@ class MultiAdapterModel(nn.Module):
             layers are wrapped in ``MultiAdapterLinear`` while an adapter targets them.
         cache_bytes: budget of the ``FactorCache`` of materialized factors (0 = off).
 
-    Loaded adapters are read-only: their factors may be cached, and each call reads them.
+    Loaded adapters are read-only: their factors may be cached, their routing indices may be
+    shared with other adapters, and each call reads them.
 
     Example::
 
@@ -150,6 +211,7 @@ class MultiAdapterModel(nn.Module):
         self.adapter_pools = nn.ModuleDict()  # name -> ModuleDict(kind key -> ShardPools)
         self.cache = FactorCache(cache_bytes)
         self.merged: str | None = None
+        self._indices = _IndexStore()
         self._info: dict[str, _AdapterInfo] = {}
         self._layers: dict[str, MultiAdapterLinear] = {}
         # one call at a time: a call sets per-row routes on shared layers (and load, unload and
@@ -180,7 +242,11 @@ class MultiAdapterModel(nn.Module):
             pools = nn.ModuleDict({k.key: build_pools(config, k) for k in kinds})
             pools.load_state_dict(state, strict=True)
             device = next(self.base_model.parameters()).device
-            self.adapter_pools[name] = pools.requires_grad_(False).to(device)
+            pools = pools.requires_grad_(False).to(device)
+            for kind_pools in pools.values():
+                for buffer in ("index_A", "index_B"):
+                    setattr(kind_pools, buffer, self._indices.intern(getattr(kind_pools, buffer)))
+            self.adapter_pools[name] = pools
             self._info[name] = _AdapterInfo(config, tuple(kinds))
             for module_name in (n for k in kinds for n in k.layers):
                 if module_name not in self._layers:
@@ -199,13 +265,23 @@ class MultiAdapterModel(nn.Module):
                 self._unwrap(module_name)
 
     def memory_report(self) -> dict[str, Any]:
-        """Resident bytes: ``base``, ``adapters`` (per name, compact form), ``adapters_total``,
-        ``cache`` (materialized factors) and ``total``."""
-        adapters = {name: _nbytes(self.adapter_pools[name]) for name in self._info}
+        """Resident bytes, each tensor counted once: ``base``; ``adapters``, per name, what that
+        adapter alone holds (compact form); ``shared``, tensors held by several adapters (routing
+        indices of same-seed adapters); ``adapters_total`` = their sum; ``cache``
+        (materialized factors); ``total``."""
+        users: dict[int, set[str]] = {}
+        size: dict[int, int] = {}
+        for name in self._info:
+            for t in _tensors(self.adapter_pools[name]):
+                users.setdefault(id(t), set()).add(name)
+                size[id(t)] = t.numel() * t.element_size()
+        adapters = {name: sum(size[i] for i, u in users.items() if u == {name}) for name in self._info}
+        shared = sum(size[i] for i, u in users.items() if len(u) > 1)
         report = {
-            "base": _nbytes(self.base_model),
+            "base": sum(t.numel() * t.element_size() for t in _tensors(self.base_model)),
             "adapters": adapters,
-            "adapters_total": sum(adapters.values()),
+            "shared": shared,
+            "adapters_total": sum(adapters.values()) + shared,
             "cache": self.cache.bytes,
         }
         report["total"] = report["base"] + report["adapters_total"] + report["cache"]
@@ -272,16 +348,14 @@ class MultiAdapterModel(nn.Module):
         return read_adapter(self.base_model, path, view=_UnwrappedView(self.base_model))
 
     def _factors(self, name: str) -> Factors:
-        """Every layer of adapter ``name``: ``A^T: (d_in, r)`` and ``scaling · B^T: (r, d_out)``."""
+        """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled."""
 
         def build() -> Factors:
-            pools, info = self.adapter_pools[name], self._info[name]
+            pools, kinds = self.adapter_pools[name], self._info[name].kinds
             factors: Factors = {}
-            for kind in info.kinds:
+            for kind in kinds:
                 a, b = pools[kind.key].factors()  # all layers of the kind in one gather
-                a_t = a.transpose(1, 2).contiguous()  # (L, d_in, r)
-                b_t = b.transpose(1, 2).contiguous().mul_(info.config.scaling)  # (L, r, d_out)
-                factors.update({n: (a_t[i], b_t[i]) for i, n in enumerate(kind.layers)})
+                factors.update({n: (a[i], b[i]) for i, n in enumerate(kind.layers)})
             return factors
 
         return self.cache.get(name, build)
@@ -300,9 +374,10 @@ class MultiAdapterModel(nn.Module):
             yield
             return
         factors = {name: self._factors(name) for name in dict.fromkeys(n for n in names if n is not None)}
+        scales = [0.0 if n is None else self._info[n].config.scaling for n in names]
         try:
             for module_name, layer in self._layers.items():
-                layer.route = _per_row([None if n is None else factors[n].get(module_name) for n in names])
+                layer.route = _route([None if n is None else factors[n].get(module_name) for n in names], scales)
             yield
         finally:
             for layer in self._layers.values():
@@ -326,10 +401,11 @@ class MultiAdapterModel(nn.Module):
         return names
 
     def _add_to_base(self, name: str, sign: float) -> None:
-        for module_name, (a_t, b_t) in self._factors(name).items():
+        scaling = self._info[name].config.scaling
+        for module_name, (a, b) in self._factors(name).items():
             layer = self._layers[module_name].base_layer
             weight = dense_weight(layer)
-            delta = (a_t @ b_t).T  # (d_out, d_in) = scaling · B A
+            delta = scaling * (b @ a)  # (d_out, d_in)
             set_dense_weight(layer, (weight.float() + sign * delta.float()).to(weight.dtype))
 
     def _wrap(self, module_name: str) -> None:
@@ -373,6 +449,6 @@ def _owner(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(parent), child
 
 
-def _nbytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _tensors(module: nn.Module) -> list[Tensor]:
+    """Parameters and buffers of ``module``, each object once."""
+    return [*module.parameters(), *module.buffers()]
