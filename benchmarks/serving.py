@@ -1,21 +1,30 @@
 """Serving many adapters on one base: MoS mixed batches vs PEFT mixed batches vs a merged model.
 
-One small Llama from a config (hidden 512, 4 layers, all 7 linear kinds; the same base as
-step_time.py) and N MoS adapters (r = 16 at the budget of LoRA rank e = 8, random weights, a
-seed each). For each N, one batch of 32 x 64 tokens per repetition with a fresh random
-adapter per row, forward only (prefill), timed interleaved across
+Two bases ("tracks"), each with N MoS adapters (random non-zero weights):
+
+- ``llama-small``: a small Llama from a config (hidden 512, 4 layers, all 7 linear kinds; the
+  random Llama of the speed benchmark), r = 16 at the budget of LoRA rank e = 8;
+- ``smollm2``: the default pretrained SmolLM2-135M-Instruct (30 layers, hidden 576, all 7
+  kinds), r = 16 at e = 2 (the demo's adapter; there LoRA at 8e is LoRA at r).
+
+For each N and repetition, a batch of 32 rows with a random adapter per row (distinct seeds),
+in two phases: *prefill*, the forward pass over 32 x 64 tokens with the logits of the last
+position (``logits_to_keep=1``, as ``generate`` does), and *generate*, greedy decoding of 16
+new tokens after a 16-token prompt; each timed interleaved across
 
 - ``mos``: ``MultiAdapterModel`` (factors assembled per call);
-- ``mos_cache``: the same with a ``FactorCache`` budget (hot adapters' factors kept dense);
+- ``mos_cache``: the same with a ``FactorCache`` budget (hot adapters' factors kept dense;
+  prefill on llama-small only);
 - ``peft``: ``PeftModel`` with the same adapters exported by ``export_peft_lora`` and
   ``adapter_names=[...]`` (PEFT's mixed-batch inference);
 - ``merged``: one adapter merged into the base (the ceiling: no adapter work at all).
 
-Memory: resident adapter bytes of MoS (compact form) vs LoRA at rank 8e (the paper's
-equal-quality setting) vs LoRA at rank e, and PEFT's actual resident bytes (rank r).
-Writes results/serving.json and results/serving.png.
+Memory: resident adapter bytes of MoS (``memory_report``) for N adapters of distinct seeds and
+for N adapters of one seed (identical routing indices, held once), vs LoRA at rank 8e (the
+paper's equal-quality setting), LoRA at rank e, and PEFT's actual resident bytes (rank r).
+Writes results/serving.json and results/serving.png (``--quick``: runs/serving-quick.*).
 
-    python benchmarks/serving.py [--adapters 1 10 50 200] [--threads 1 2] [--reps 5]
+    python benchmarks/serving.py [--quick] [--tracks llama-small smollm2] [--reps 5]
 """
 
 from __future__ import annotations
@@ -28,208 +37,405 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from peft import PeftModel
-from step_time import KINDS, build_base
+from torch import nn
 
 from moslora import MoSConfig, MoSModel, ParameterReport, export_peft_lora, get_mos_model
-from moslora.serving import FactorCache, MultiAdapterModel
+from moslora.bench.speed import KINDS, random_llama
+from moslora.serving import MultiAdapterModel
 
 Forward = Callable[[torch.Tensor, list[str | None]], torch.Tensor]
+COLORS = {"mos": "C0", "mos_cache": "C1", "peft": "C2", "merged": "C3"}  # one color per system in every panel
 
 
-def make_adapters(base: torch.nn.Module, cfg: MoSConfig, count: int, root: Path) -> tuple[list[Path], ParameterReport]:
-    """``count`` adapters with random non-zero weights, each saved as MoS and exported to PEFT
-    (``root/mos{i}``, ``root/peft{i}``). Returns the MoS directories and the parameter report."""
+@dataclass
+class Track:
+    """One base and its adapters' config, with what this machine can afford on it."""
+
+    name: str
+    description: str
+    base: nn.Module
+    config: MoSConfig
+    threads: list[int]
+    reps: int
+    peft_max: int  # largest N served by PEFT (each PEFT adapter is a dense rank-r LoRA)
+    cache: bool = True  # measure mos_cache too
+    left_out: str = ""  # what was not measured, and why
+    vocab: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocab = self.base.config.vocab_size
+
+
+def llama_small(args: argparse.Namespace) -> Track:
+    return Track(
+        "llama-small", "Llama from a config: hidden 512, 4 layers, 8 heads, vocab 8192",
+        random_llama(512, 4).eval(),
+        MoSConfig(target_modules=list(KINDS), rank=16, budget_rank=8, private_rank=1, shards_per_vector=2),
+        threads=args.threads, reps=args.reps, peft_max=max(args.adapters))
+
+
+def smollm2(args: argparse.Namespace) -> Track:
+    from moslora.train import load_base
+
+    peft_max = min(args.smollm2_peft_max, max(args.adapters))
+    left_out = ("mos_cache (measured on llama-small; a SmolLM2 adapter's dense factors are 19.6 MB, "
+                "so a 128 MB cache holds 6 of them)")
+    if peft_max < max(args.adapters):
+        left_out += (f"; PEFT at N > {peft_max} (each PEFT adapter is a dense rank-16 LoRA of 19.6 MB to "
+                     "export and load, and its forward takes seconds on 2 shared CPU cores: beyond the "
+                     "~15 min budget of this track)")
+    return Track(
+        "smollm2", "SmolLM2-135M-Instruct (pretrained, fp32): 30 layers, hidden 576, vocab 49152",
+        load_base(None)[0].eval(),
+        MoSConfig(target_modules=list(KINDS), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2),
+        threads=args.smollm2_threads, reps=args.smollm2_reps, peft_max=peft_max, cache=False, left_out=left_out)
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+def randomize(model: MoSModel, seed: int) -> None:
+    """Non-zero pools, so that every check below has teeth."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.mos_pools.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def distinct_seed_adapters(track: Track, count: int, root: Path) -> tuple[list[Path], ParameterReport]:
+    """``count`` adapters with seed ``i`` each (so distinct routing), saved as ``root/mos{i}``;
+    the first ``track.peft_max`` also exported to PEFT as ``root/peft{i}``."""
     dirs = []
     for i in range(count):
-        model = get_mos_model(copy.deepcopy(base), MoSConfig(**{**cfg.to_dict(), "seed": i}))
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.mos_pools.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        model = get_mos_model(copy.deepcopy(track.base), MoSConfig(**{**track.config.to_dict(), "seed": i}))
+        randomize(model, seed=i)
         model.save_pretrained(root / f"mos{i}")
-        export_peft_lora(model, root / f"peft{i}")
+        if i < track.peft_max:
+            export_peft_lora(model, root / f"peft{i}")
         dirs.append(root / f"mos{i}")
     return dirs, model.parameter_report()
 
 
-def build_systems(
-    base: torch.nn.Module, dirs: list[Path], cache_bytes: int
-) -> tuple[dict[str, Forward], dict[str, int], FactorCache]:
-    """The four contenders over the same ``len(dirs)`` adapters, their resident adapter bytes,
-    and the cache of ``mos_cache``."""
-    names = [f"a{i}" for i in range(len(dirs))]
-    mos, mos_cache = MultiAdapterModel(copy.deepcopy(base)), MultiAdapterModel(copy.deepcopy(base), cache_bytes)
-    for name, path in zip(names, dirs):
-        mos.load_adapter(name, path)
-        mos_cache.load_adapter(name, path)
-    peft = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0].with_name("peft0"), adapter_name=names[0])
-    for name, path in zip(names[1:], dirs[1:]):
-        peft.load_adapter(path.with_name(path.name.replace("mos", "peft")), adapter_name=name)
-    merged = MoSModel.from_pretrained(copy.deepcopy(base), dirs[0]).merge_and_unload()
-    systems: dict[str, Forward] = {
-        "mos": lambda ids, rows: mos(ids, adapter_names=rows).logits,
-        "mos_cache": lambda ids, rows: mos_cache(ids, adapter_names=rows).logits,
-        "peft": lambda ids, rows: peft(input_ids=ids, adapter_names=rows).logits,
-        "merged": lambda ids, rows: merged(input_ids=ids).logits,
+def same_seed_adapters(track: Track, count: int, root: Path) -> list[Path]:
+    """``count`` adapters of one seed (identical routing indices), other weights each."""
+    model = get_mos_model(copy.deepcopy(track.base), track.config)
+    dirs = []
+    for i in range(count):
+        randomize(model, seed=10_000 + i)
+        model.save_pretrained(root / f"same{i}")
+        dirs.append(root / f"same{i}")
+    return dirs
+
+
+# ---------------------------------------------------------------------------- contenders
+
+
+class Contenders:
+    """The four systems over the first ``n`` adapters, grown in place as N increases (so the
+    adapters of a smaller N are not loaded again), plus the same-seed registry for memory."""
+
+    def __init__(self, track: Track, dirs: list[Path], same: list[Path], cache_bytes: int) -> None:
+        self.track, self.dirs, self.same = track, dirs, same
+        self.mos = MultiAdapterModel(copy.deepcopy(track.base))
+        self.mos_cache = MultiAdapterModel(copy.deepcopy(track.base), cache_bytes)
+        self.same_seed = MultiAdapterModel(copy.deepcopy(track.base))
+        self.peft: PeftModel | None = None
+        self.merged = MoSModel.from_pretrained(copy.deepcopy(track.base), dirs[0]).merge_and_unload()
+        self.n = 0
+
+    def grow(self, n: int) -> None:
+        for i in range(self.n, n):
+            name = f"a{i}"
+            self.mos.load_adapter(name, self.dirs[i])
+            if self.track.cache:
+                self.mos_cache.load_adapter(name, self.dirs[i])
+            self.same_seed.load_adapter(name, self.same[i])
+            if i < self.track.peft_max:
+                peft_dir = self.dirs[i].with_name(f"peft{i}")
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(copy.deepcopy(self.track.base), peft_dir, adapter_name=name)
+                else:
+                    self.peft.load_adapter(peft_dir, adapter_name=name)
+        self.n = n
+
+    def prefill(self) -> dict[str, Forward]:
+        """Prefill of each system: logits of the last position only."""
+        systems: dict[str, Forward] = {
+            "mos": lambda ids, rows: self.mos(ids, adapter_names=rows, logits_to_keep=1).logits,
+            "merged": lambda ids, rows: self.merged(input_ids=ids, logits_to_keep=1).logits,
+        }
+        if self.track.cache:
+            systems["mos_cache"] = lambda ids, rows: self.mos_cache(ids, adapter_names=rows, logits_to_keep=1).logits
+        if self.n <= self.track.peft_max:
+            systems["peft"] = lambda ids, rows: self.peft(input_ids=ids, adapter_names=rows, logits_to_keep=1).logits
+        return systems
+
+    def generators(self, new_tokens: int) -> dict[str, Forward]:
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens per row (no cache variant: the
+        cache only changes the once-per-call assembly)."""
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        systems: dict[str, Forward] = {
+            "mos": lambda ids, rows: self.mos.generate(ids, adapter_names=rows, **kw),
+            "merged": lambda ids, rows: self.merged.generate(input_ids=ids, **kw),
+        }
+        if self.n <= self.track.peft_max:
+            systems["peft"] = lambda ids, rows: self.peft.generate(input_ids=ids, adapter_names=rows, **kw)
+        return systems
+
+    def peft_bytes(self) -> int | None:
+        if self.n > self.track.peft_max:
+            return None
+        return sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if "lora_" in n)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def memory_row(c: Contenders, report: ParameterReport) -> dict[str, Any]:
+    """Resident adapter bytes at N = ``c.n``, and the ratios to LoRA at rank 8e."""
+    n, cfg = c.n, c.track.config
+    lora = {rank: n * 4 * sum(p.lora_params(rank) for p in report.kinds.values())
+            for rank in (cfg.budget_rank, 8 * cfg.budget_rank, cfg.rank)}
+    distinct, same = c.mos.memory_report(), c.same_seed.memory_report()
+    peft = c.peft_bytes()
+    # PEFT's measured bytes must match the formula, so the LoRA columns are right too
+    assert peft is None or peft == lora[cfg.rank], (peft, lora[cfg.rank])
+    return {
+        "adapters": n,
+        "mos_distinct_seeds": distinct["adapters_total"],
+        "mos_same_seed": same["adapters_total"],
+        "mos_same_seed_shared": same["shared"],
+        "peft_rank_r": peft,
+        "lora_8e": lora[8 * cfg.budget_rank],
+        "lora_e": lora[cfg.budget_rank],
+        "distinct_over_lora_8e": distinct["adapters_total"] / lora[8 * cfg.budget_rank],
+        "same_seed_over_lora_8e": same["adapters_total"] / lora[8 * cfg.budget_rank],
     }
-    peft_bytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
-    memory = {"mos": mos.memory_report()["adapters_total"], "peft_rank_r": peft_bytes}
-    return systems, memory, mos_cache.cache
 
 
-def run(systems: dict[str, Forward], count: int, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Interleaved timings: each repetition draws a batch and a random adapter per row, then
-    runs every system on it, so that load from other processes hits all of them alike."""
-    gen = torch.Generator().manual_seed(count)
+def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace, seq: int) -> dict[str, list[float]]:
+    """Interleaved timings: each repetition draws a batch of ``seq`` tokens a row and a random
+    adapter per row, then runs every system on it, so that load from other processes hits all
+    of them alike."""
+    gen = torch.Generator().manual_seed(c.n)
     times: dict[str, list[float]] = {name: [] for name in systems}
-    for rep in range(args.warmup + args.reps):
-        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
-        rows = [f"a{int(i)}" for i in torch.randint(0, count, (args.batch,), generator=gen)]
+    for rep in range(args.warmup + c.track.reps):
+        ids = torch.randint(0, c.track.vocab, (args.batch, seq), generator=gen)
+        rows = [f"a{int(i)}" for i in torch.randint(0, c.n, (args.batch,), generator=gen)]
         for name, forward in systems.items():
             start = time.perf_counter()
-            with torch.no_grad():
-                forward(ids, rows)
+            forward(ids, rows)
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
-def max_diffs(systems: dict[str, Forward], count: int, args: argparse.Namespace) -> dict[str, float]:
-    """Sanity: MoS (both) vs PEFT on a mixed batch; MoS vs the merged model on adapter 0 rows;
-    and how far the adapters move the logits from the base (so the other checks have teeth)."""
-    ids = torch.randint(0, args.vocab, (4, 16), generator=torch.Generator().manual_seed(1))
-    rows = [f"a{i % count}" for i in range(4)]
-    with torch.no_grad():
-        out = {name: forward(ids, rows) for name, forward in systems.items()}
-        first = systems["mos"](ids, ["a0"] * 4)
-        bare = systems["mos"](ids, [None] * 4)
+def max_diffs(c: Contenders) -> dict[str, float | bool]:
+    """Sanity: MoS (both) vs PEFT on a mixed batch (logits, and greedy tokens); MoS vs the merged
+    model on adapter 0 rows; same-seed registry vs its adapters alone; and how far the adapters
+    move the logits from the base (so the other checks have teeth)."""
+    ids = torch.randint(0, c.track.vocab, (4, 16), generator=torch.Generator().manual_seed(1))
+    rows = [f"a{i % c.n}" for i in range(4)]
+    systems = c.prefill()
+    out = {name: forward(ids, rows) for name, forward in systems.items()}
+    diffs = {
+        "mos_vs_base": (out["mos"] - systems["mos"](ids, [None] * 4)).abs().max().item(),
+        "mos_a0_vs_merged": (systems["mos"](ids, ["a0"] * 4) - out["merged"]).abs().max().item(),
+        "same_seed_a0_vs_alone": (c.same_seed(ids, adapter_names=["a0"] * 4, logits_to_keep=1).logits
+                                  - MoSModel.from_pretrained(copy.deepcopy(c.track.base), c.same[0])(
+                                      input_ids=ids, logits_to_keep=1).logits).abs().max().item(),
+    }
+    for name in ("mos", "mos_cache"):
+        if name in out and "peft" in out:
+            diffs[f"{name}_vs_peft"] = (out[name] - out["peft"]).abs().max().item()
+    if "peft" in out:
+        tokens = {name: g(ids, rows) for name, g in c.generators(4).items() if name != "merged"}
+        diffs["generate_mos_equals_peft"] = torch.equal(tokens["mos"], tokens["peft"])
+    return diffs
+
+
+def paired_speedup(times: dict[str, list[float]], ours: str, other: str) -> float:
+    """Throughput of ``ours`` over ``other``: the median over repetitions of their time ratio on
+    the same batch, run back to back, which cancels the slow drifts of a shared machine's load
+    that a ratio of two medians keeps."""
+    return statistics.median(t_other / t_ours for t_ours, t_other in zip(times[ours], times[other]))
+
+
+def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
+    """Medians, tokens/s (``tokens`` per call) and our paired speedups of one phase."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    out: dict[str, Any] = {"median_seconds": med, "tokens_per_s": {name: tokens / m for name, m in med.items()}}
+    for name in ("mos", "mos_cache"):
+        if name in times:
+            out[f"{name}_over_merged"] = paired_speedup(times, name, "merged")
+            out[f"{name}_over_peft"] = paired_speedup(times, name, "peft") if "peft" in times else None
+    return out
+
+
+def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill (``batch x seq`` tokens) and generate (``new_tokens`` per row after a prompt of
+    ``prompt`` tokens) of every system at N = ``c.n``."""
+    cache = c.mos_cache.cache
+    hits, misses = cache.hits, cache.misses
+    torch.set_num_threads(threads)
+    prefill = timings(c.prefill(), c, args, args.seq)
+    generate = timings(c.generators(args.new_tokens), c, args, args.prompt)
     return {
-        "mos_vs_base": (out["mos"] - bare).abs().max().item(),
-        "mos_vs_peft": (out["mos"] - out["peft"]).abs().max().item(),
-        "mos_cache_vs_peft": (out["mos_cache"] - out["peft"]).abs().max().item(),
-        "mos_a0_vs_merged": (first - out["merged"]).abs().max().item(),
+        "adapters": c.n,
+        "prefill": phase(prefill, args.batch * args.seq),
+        "generate": phase(generate, args.batch * args.new_tokens),
+        "cache_hit_rate": (cache.hits - hits) / max(1, cache.hits - hits + cache.misses - misses),
+        "cache_bytes": cache.bytes,
+        "checks": diffs,
+        # other processes on the machine skew the timings: keep the evidence
+        "load_average": os.getloadavg(),
+        "seconds": {"prefill": prefill, "generate": generate},
     }
 
 
-def plot(result: dict, path: Path) -> None:
+def summary(row: dict[str, Any], name: str) -> str:
+    """One phase of a row as a line: tokens/s per system, then our speedups."""
+    p = row[name]
+    ratios = [f"mos/merged {p['mos_over_merged']:.2f}"]
+    if p["mos_over_peft"] is not None:
+        ratios.append(f"mos/peft {p['mos_over_peft']:.2f}")
+    return (f"{name}: " + "  ".join(f"{k} {v:.0f}" for k, v in p["tokens_per_s"].items())
+            + " tok/s | " + "  ".join(ratios))
+
+
+def run_track(track: Track, args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    result: dict[str, Any] = {
+        "name": track.name, "base": track.description, "mos_config": track.config.to_dict(),
+        "threads": track.threads, "reps": track.reps, "peft_max_adapters": track.peft_max, "left_out": track.left_out,
+        "memory": [], "runs": [{"threads": t, "rows": []} for t in track.threads],
+    }
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        dirs, report = distinct_seed_adapters(track, max(args.adapters), Path(tmp))
+        same = same_seed_adapters(track, max(args.adapters), Path(tmp))
+        c = Contenders(track, dirs, same, args.cache_mb * 2**20)
+        result["setup_seconds"] = time.perf_counter() - start
+        for count in sorted(args.adapters):
+            c.grow(count)
+            result["memory"].append(memory_row(c, report))
+            diffs = max_diffs(c)
+            for run in result["runs"]:
+                row = throughput_row(c, run["threads"], diffs, args)
+                run["rows"].append(row)
+                print(f"{track.name} threads={run['threads']} N={count:>3} {summary(row, 'prefill')}\n"
+                      f"{' ' * len(track.name)}                 {summary(row, 'generate')}", flush=True)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def label_n(ax: Any, ns: list[int]) -> None:
+    """Log x axis labelled at the measured N only."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(result["runs"]) + 1, figsize=(5 * (len(result["runs"]) + 1), 4))
-    for ax, run_ in zip(axes, result["runs"]):
-        ns = [row["adapters"] for row in run_["rows"]]
-        for name in ("mos", "mos_cache", "peft", "merged"):
-            ax.plot(ns, [row["tokens_per_s"][name] for row in run_["rows"]], marker="o", label=name)
-        ax.set(xscale="log", xlabel="adapters resident (N)", ylabel="tokens/s (prefill)",
-               title=f"{run_['threads']} thread(s), batch {result['config']['batch']}x{result['config']['seq']}")
-        ax.set_ylim(bottom=0)
-        ax.legend()
-    ax = axes[-1]
-    mem = result["memory"]
-    ns = [row["adapters"] for row in mem]
-    cfg = result["config"]
-    e, r = cfg["budget_rank"], cfg["rank"]
-    for key, label, style in (("mos", f"MoS (budget e={e}, r={r})", "o-"), ("lora_e", f"LoRA rank e={e}", "x--"),
-                              ("lora_8e", f"LoRA rank 8e={8 * e}", "s-"), ("peft_rank_r", f"PEFT as served (rank {r})", "^-")):
-        ax.plot(ns, [row[key] / 2**20 for row in mem], style, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="adapters resident (N)", ylabel="MiB", title="resident adapter memory")
-    ax.legend()
+    tracks, cfg = result["tracks"], result["config"]
+    panels = [(run, phase) for run in tracks[0]["runs"] for phase in ("prefill", "generate")]
+    fig, axes = plt.subplots(len(tracks), len(panels) + 1, figsize=(5 * (len(panels) + 1), 4 * len(tracks)),
+                             squeeze=False)
+    shape = {"prefill": f"batch {cfg['batch']}x{cfg['seq']}",
+             "generate": f"batch {cfg['batch']}, {cfg['prompt']}+{cfg['new_tokens']} tokens"}
+    for ax_row, track in zip(axes, tracks):
+        ns = [row["adapters"] for row in track["memory"]]
+        for ax, (run, phase) in zip(ax_row, [(run, ph) for run in track["runs"] for ph in ("prefill", "generate")]):
+            for name, color in COLORS.items():
+                points = [(r["adapters"], r[phase]["tokens_per_s"][name]) for r in run["rows"]
+                          if name in r[phase]["tokens_per_s"]]
+                if points:
+                    ax.plot(*zip(*points), marker="o", color=color, label=name)
+            ax.set(xscale="log", xlabel="adapters resident (N)", ylabel=f"tokens/s ({phase})",
+                   title=f"{track['name']} {phase}: {shape[phase]}, {run['threads']} thread(s)")
+            ax.set_ylim(bottom=0)
+            label_n(ax, ns)
+            ax.legend(fontsize=8)
+        ax = ax_row[-1]
+        mem, e = track["memory"], track["mos_config"]["budget_rank"]
+        ax.plot(ns, [row["distinct_over_lora_8e"] for row in mem], "o-", label="MoS, distinct seeds")
+        ax.plot(ns, [row["same_seed_over_lora_8e"] for row in mem], "v-", label="MoS, one seed (indices shared)")
+        ax.plot(ns, [row["lora_e"] / row["lora_8e"] for row in mem], "x--", label=f"LoRA rank e={e}")
+        ax.axhline(1 / 8, color="gray", lw=0.8, ls=":", label="target 1/8")
+        ax.set(xscale="log", xlabel="adapters resident (N)", ylabel=f"resident bytes / LoRA rank 8e={8 * e}",
+               title=f"{track['name']}: adapter memory vs LoRA at 8e")
+        label_n(ax, ns)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N in {1, 10}, 2 repetitions, 1 thread; writes runs/")
+    ap.add_argument("--tracks", nargs="+", choices=["llama-small", "smollm2"], default=["llama-small", "smollm2"])
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 10, 50, 200])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1], help="llama-small thread counts")
+    ap.add_argument("--smollm2-threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--smollm2-peft-max", type=int, default=50, help="largest N served by PEFT on smollm2")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--smollm2-reps", type=int, default=3, help="repetitions on smollm2 (seconds per forward)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64, help="prefill tokens per row")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row for generate")
+    ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row")
+    ap.add_argument("--cache-mb", type=int, default=128)
+    ap.add_argument("--out", default=None, help="default results/serving.json (--quick: runs/serving-quick.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.adapters, args.threads, args.smollm2_threads, args.reps, args.smollm2_reps = [1, 10], [1], [1], 2, 2
+    args.out = Path(args.out or ("runs/serving-quick.json" if args.quick else "results/serving.json"))
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 10, 50, 200])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--budget-rank", type=int, default=8)
-    ap.add_argument("--private-rank", type=int, default=1)
-    ap.add_argument("--shards-per-vector", type=int, default=2)
-    ap.add_argument("--cache-mb", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--out", default="results/serving.json")
-    args = ap.parse_args()
-
-    base = build_base(args.hidden, args.layers).eval()
-    args.vocab = base.config.vocab_size
-    cfg = MoSConfig(target_modules=KINDS, rank=args.rank, budget_rank=args.budget_rank,
-                    private_rank=args.private_rank, shards_per_vector=args.shards_per_vector)
-    result = {
+    args = parse_args()
+    result: dict[str, Any] = {
         "benchmark": "serving",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in vars(args).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "phases": {
+            "prefill": "forward over batch x seq tokens, logits of the last position only (logits_to_keep=1)",
+            "generate": "greedy generate of new_tokens per row after a prompt of prompt tokens; "
+                        "tokens/s counts generated tokens",
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "load_average_at_start": os.getloadavg(),
-        "memory": [],
-        "runs": [],
+        "targets": {"mos_over_lora_8e": 1 / 8, "mos_over_peft_at_50": 2.0, "mos_over_merged": 0.7},
+        "tracks": [],
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs, report = make_adapters(base, cfg, max(args.adapters), Path(tmp))
-        lora_bytes = {rank: 4 * sum(p.lora_params(rank) for p in report.kinds.values())
-                      for rank in (args.budget_rank, 8 * args.budget_rank, args.rank)}
-        runs = {threads: {"threads": threads, "rows": []} for threads in args.threads}
-        for count in args.adapters:
-            systems, memory, cache = build_systems(base, dirs[:count], args.cache_mb * 2**20)
-            # PEFT's measured bytes must match the formula, so the LoRA rows below are right too
-            assert memory["peft_rank_r"] == count * lora_bytes[args.rank], memory
-            result["memory"].append({
-                "adapters": count, "mos": memory["mos"], "peft_rank_r": memory["peft_rank_r"],
-                "lora_8e": count * lora_bytes[8 * args.budget_rank], "lora_e": count * lora_bytes[args.budget_rank],
-                "mos_over_lora_8e": memory["mos"] / (count * lora_bytes[8 * args.budget_rank]),
-            })
-            diffs = max_diffs(systems, count, args)
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                hits, misses = cache.hits, cache.misses
-                times = run(systems, count, args)
-                med = {name: statistics.median(ts) for name, ts in times.items()}
-                tps = {name: args.batch * args.seq / m for name, m in med.items()}
-                row = {
-                    "adapters": count,
-                    "median_seconds": med,
-                    "tokens_per_s": tps,
-                    "mos_over_peft": tps["mos"] / tps["peft"],
-                    "mos_over_merged": tps["mos"] / tps["merged"],
-                    "mos_cache_over_peft": tps["mos_cache"] / tps["peft"],
-                    "mos_cache_over_merged": tps["mos_cache"] / tps["merged"],
-                    "cache_hit_rate": (cache.hits - hits) / max(1, cache.hits - hits + cache.misses - misses),
-                    "cache_bytes": cache.bytes,
-                    "max_abs_diff": diffs,
-                    # other processes on the machine skew multi-threaded runs: keep the evidence
-                    "load_average": os.getloadavg(),
-                    "seconds": times,
-                }
-                runs[threads]["rows"].append(row)
-                print(f"threads={threads} N={count:>3}: tokens/s mos {tps['mos']:.0f}  mos+cache "
-                      f"{tps['mos_cache']:.0f}  peft {tps['peft']:.0f}  merged {tps['merged']:.0f}  | "
-                      f"mos/peft {row['mos_over_peft']:.2f}  mos/merged {row['mos_over_merged']:.2f}  "
-                      f"cache/merged {row['mos_cache_over_merged']:.2f}  diff {diffs['mos_vs_peft']:.1e}",
-                      flush=True)
-            del systems
-        result["runs"] = list(runs.values())
+    builders = {"llama-small": llama_small, "smollm2": smollm2}
+    for name in args.tracks:
+        result["tracks"].append(run_track(builders[name](args), args))
     result["load_average_at_end"] = os.getloadavg()
-    result["targets"] = {"mos_over_lora_8e": 1 / 8, "mos_over_peft_at_50": 2.0, "mos_over_merged": 0.7}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    for row in result["memory"]:
-        print(f"N={row['adapters']:>3}: MoS {row['mos'] / 2**20:.1f} MiB, LoRA-8e {row['lora_8e'] / 2**20:.1f} MiB, "
-              f"LoRA-e {row['lora_e'] / 2**20:.1f} MiB, MoS/LoRA-8e = {row['mos_over_lora_8e']:.4f} (target <= 0.125)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    for track in result["tracks"]:
+        for row in track["memory"]:
+            print(f"{track['name']} N={row['adapters']:>3}: MoS/LoRA-8e distinct seeds "
+                  f"{row['distinct_over_lora_8e']:.5f}, same seed {row['same_seed_over_lora_8e']:.5f} (target <= 0.125)")
 
 
 if __name__ == "__main__":
