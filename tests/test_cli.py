@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import randomize_adapter, tiny_llama
 from typer.testing import CliRunner
 
@@ -29,7 +30,133 @@ def test_info_describes_an_adapter(tmp_path):
     assert info["bytes_on_disk"] > 0
 
 
-def test_info_on_a_missing_adapter_fails_clearly(tmp_path):
-    result = runner.invoke(app, ["info", str(tmp_path / "nope")])
-    assert result.exit_code != 0
-    assert "does not exist" in str(result.exception)
+def flat(output: str) -> str:
+    """The CLI's output with the error box and line wrapping taken out."""
+    return " ".join(output.replace("│", " ").split())
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Every entry point that loads a model or starts work fails the test if reached."""
+    import moslora.demo
+    import moslora.serving.server
+    import moslora.train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a bad option reached model loading")
+
+    for module, name in ((moslora.train, "load_base"), (moslora.train, "train"),
+                         (moslora.serving.server, "load_server"), (moslora.demo, "run_finetune_demo"),
+                         (moslora.demo, "run_selfcheck")):
+        monkeypatch.setattr(module, name, reached)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    (tmp_path / "a.txt").write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "keys.json").write_text("[1, 2]")
+    return tmp_path
+
+
+BAD_OPTIONS = [
+    # train: MoSConfig fields
+    (["train", "--rank", "0"], "--rank"),
+    (["train", "--rank", "two"], "--rank"),
+    (["train", "--budget-rank", "0"], "--budget-rank"),
+    (["train", "--shards-per-vector", "0"], "--shards-per-vector"),
+    (["train", "--private-rank", "-1"], "--private-rank"),
+    (["train", "--rank", "4", "--budget-rank", "8", "--private-rank", "5"], "--private-rank"),
+    (["train", "--alpha", "0"], "--alpha"),
+    (["train", "--alpha", "inf"], "--alpha"),
+    (["train", "--alpha", "nan"], "--alpha"),
+    (["train", "--dropout", "1"], "--dropout"),
+    (["train", "--init", "xavier"], "--init"),
+    (["train", "--targets", ","], "--targets"),
+    (["train", "--targets", "re:(["], "--targets"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--seed", str(2**32)], "--seed"),
+    # train: TrainConfig fields
+    (["train", "--method", "dora"], "--method"),
+    (["train", "--task", "nope"], "--task"),
+    (["train", "--task", "{tmp}/missing.jsonl"], "--task"),
+    (["train", "--model", "{tmp}/no-model"], "--model"),
+    (["train", "--output-dir", "{tmp}/a.txt"], "--output-dir"),
+    (["train", "--resume", "--output-dir", "{tmp}/empty"], "--resume"),
+    (["train", "--max-steps", "0"], "--max-steps"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--grad-accum", "0"], "--grad-accum"),
+    (["train", "--learning-rate", "0"], "--learning-rate"),
+    (["train", "--learning-rate", "inf"], "--learning-rate"),
+    (["train", "--warmup-ratio", "1.5"], "--warmup-ratio"),
+    (["train", "--eval-steps", "0"], "--eval-steps"),
+    (["train", "--train-examples", "0"], "--train-examples"),
+    (["train", "--eval-examples", "0"], "--eval-examples"),
+    (["train", "--test-examples", "0"], "--test-examples"),
+    (["train", "--max-length", "4"], "--max-length"),
+    # eval
+    (["eval", "--task", "nope"], "--task"),
+    (["eval", "--model", "{tmp}/no-model"], "--model"),
+    (["eval", "--adapter", "{tmp}/no-adapter"], "--adapter"),
+    (["eval", "--adapter", "{tmp}/empty"], "--adapter"),
+    (["eval", "--adapter", "{tmp}/a.txt"], "--adapter"),
+    (["eval", "--examples", "0"], "--examples"),
+    (["eval", "--max-length", "4"], "--max-length"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--seed", "-1"], "--seed"),
+    # info, export-peft
+    (["info", "{tmp}/no-adapter"], "path"),
+    (["info", "{tmp}/empty"], "path"),
+    (["export-peft", "{tmp}/no-adapter", "{tmp}/out"], "adapter"),
+    (["export-peft", "{tmp}/empty", "{tmp}/out"], "adapter"),
+    (["export-peft", "{tmp}/empty", "{tmp}/a.txt"], "out_dir"),
+    (["export-peft", "{tmp}/empty", "{tmp}/out", "--model", "{tmp}/no-model"], "--model"),
+    # serve
+    (["serve", "--adapters", "{tmp}/no-root"], "--adapters"),
+    (["serve", "--adapters", "{tmp}/a.txt"], "--adapters"),
+    (["serve", "--adapters", "{tmp}", "--base", "{tmp}/no-model"], "--base"),
+    (["serve", "--adapters", "{tmp}", "--port", "0"], "--port"),
+    (["serve", "--adapters", "{tmp}", "--port", "65536"], "--port"),
+    (["serve", "--adapters", "{tmp}", "--api-keys", "{tmp}/no-keys.json"], "--api-keys"),
+    (["serve", "--adapters", "{tmp}", "--api-keys", "{tmp}/keys.json"], "--api-keys"),
+    (["serve", "--adapters", "{tmp}", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--adapters", "{tmp}", "--batch-window-ms", "-1"], "--batch-window-ms"),
+    (["serve", "--adapters", "{tmp}", "--batch-window-ms", "inf"], "--batch-window-ms"),
+    (["serve", "--adapters", "{tmp}", "--queue-size", "0"], "--queue-size"),
+    (["serve", "--adapters", "{tmp}", "--max-body-bytes", "0"], "--max-body-bytes"),
+    (["serve", "--adapters", "{tmp}", "--max-prompt-chars", "0"], "--max-prompt-chars"),
+    (["serve", "--adapters", "{tmp}", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+    (["serve", "--adapters", "{tmp}", "--max-tokens", "0"], "--max-tokens"),
+    (["serve", "--adapters", "{tmp}", "--request-timeout", "0"], "--request-timeout"),
+    (["serve", "--adapters", "{tmp}", "--request-timeout", "nan"], "--request-timeout"),
+    # demo, selfcheck
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--test-examples", "0"], "--test-examples"),
+    (["selfcheck", "--steps", "0"], "--steps"),
+]
+
+
+@pytest.mark.parametrize("args, option", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_a_bad_option_is_a_usage_error_naming_it(args, option, paths, no_model_loading):
+    result = runner.invoke(app, [a.replace("{tmp}", str(paths)) for a in args])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    out = flat(result.output)
+    assert f"Invalid value for '{option}'" in out or f"Invalid value for {option}" in out, out
+
+
+def test_a_bad_benchmark_track_lists_the_choices():
+    result = runner.invoke(app, ["bench", "quality", "--tracks", "encoder,gpt5"])
+    assert result.exit_code == 2
+    assert "choose from encoder, llm" in flat(result.output)
+
+
+def test_messages_say_the_allowed_range(paths, no_model_loading):
+    cases = {("train", "--init", "xavier"): "init must be one of kaiming | gaussian",
+             ("train", "--method", "dora"): "method must be one of mos | lora",
+             ("train", "--task", "nope"): "task must be one of sentiment | party | hamlet | chat",
+             ("train", "--seed", str(2**32)): "4294967295",
+             ("train", "--rank", "0"): "greater than or equal to 1",
+             ("train", "--learning-rate", "inf"): "less than or equal to 1",
+             ("train", "--alpha", "inf"): "must be a finite number"}
+    for args, words in cases.items():
+        assert words in flat(runner.invoke(app, list(args)).output), args

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moslora import MoSConfig, solve_pools
+from moslora import MoSConfig, get_mos_model, solve_pools
+from moslora.config import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -26,11 +29,118 @@ from moslora import MoSConfig, solve_pools
         ({"target_modules": []}, "target_modules"),
         ({"target_modules": "(["}, "target_modules"),
         ({"target_modules": ["q_proj", 3]}, "target_modules"),
+        ({"target_modules": ["q_proj", ""]}, "target_modules"),
+        ({"target_modules": None}, "target_modules"),
+        ({"rank": "4"}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"budget_rank": -3}, "budget_rank"),
+        ({"shards_per_vector": 1.0}, "shards_per_vector"),
+        ({"private_rank": None}, "private_rank"),
+        ({"pair_dissociation": 1}, "pair_dissociation"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"alpha": "16"}, "alpha"),
+        ({"alpha": True}, "alpha"),
+        ({"dropout": float("nan")}, "dropout"),
+        ({"dropout": "0.1"}, "dropout"),
+        ({"init": ["kaiming"]}, "init"),
+        ({"init": "Kaiming"}, "init"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field) as err:
         MoSConfig(**kwargs)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("kwargs, allowed", [
+    ({"rank": 0}, "integer >= 1"),
+    ({"seed": -1}, "integer in [0, 4294967295]"),
+    ({"alpha": 0}, "finite number in (0, inf)"),
+    ({"dropout": 1.0}, "finite number in [0, 1)"),
+    ({"init": "xavier"}, "one of kaiming | gaussian"),
+    ({"subset_selection": None}, "True or False"),
+])
+def test_messages_state_the_allowed_range(kwargs, allowed):
+    with pytest.raises(ConfigError, match=re.escape(allowed)):
+        MoSConfig(**kwargs)
+
+
+def _train_config(tmp_path, **kw):
+    from moslora.train import TrainConfig
+
+    return TrainConfig(**{"output_dir": str(tmp_path / "run"), **kw})
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"method": "dora"}, "method"),
+    ({"method": None}, "method"),
+    ({"task": "sentimental"}, "task"),
+    ({"task": "{tmp}/missing.jsonl"}, "task"),
+    ({"task": "{tmp}/data.txt"}, "task"),
+    ({"task": 3}, "task"),
+    ({"model": "{tmp}/no-model"}, "model"),
+    ({"model": 7}, "model"),
+    ({"output_dir": ""}, "output_dir"),
+    ({"output_dir": "{tmp}/file"}, "output_dir"),
+    ({"mos": "q_proj"}, "mos"),
+    ({"mos": {"rank": 0}}, "rank"),
+    ({"mos": {"rnak": 2}}, "rnak"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"batch_size": 2.0}, "batch_size"),
+    ({"grad_accum": 0}, "grad_accum"),
+    ({"eval_steps": -1}, "eval_steps"),
+    ({"train_examples": 0}, "train_examples"),
+    ({"eval_examples": 0}, "eval_examples"),
+    ({"test_examples": 0}, "test_examples"),
+    ({"max_length": 7}, "max_length"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"learning_rate": 1.0}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": "1e-3"}, "learning_rate"),
+    ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ({"warmup_ratio": -0.1}, "warmup_ratio"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"weight_decay": float("inf")}, "weight_decay"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+    ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"),
+    ({"load_in_4bit": 1}, "load_in_4bit"),
+    ({"progress": None}, "progress"),
+    ({"resume": True}, "resume"),  # no checkpoint to resume from
+])
+def test_bad_train_config_values_name_the_field(kwargs, field, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "data.txt").write_text("x")
+    kwargs = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ConfigError, match=field) as err:
+        _train_config(tmp_path, **kwargs)
+    assert err.value.field == field
+
+
+def test_a_good_train_config_passes(tmp_path):
+    (tmp_path / "data.jsonl").write_text("{}")
+    cfg = _train_config(tmp_path, task=str(tmp_path / "data.jsonl"), model="smollm2", mos={"rank": 4})
+    assert cfg.mos.rank == 4
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (MoSConfig(target_modules=["q_proj", "qkv"], rank=2), r"target_modules \['qkv'\] matched no module in "
+                                                         r"LlamaForCausalLM; its linear layers end in \["),
+    (MoSConfig(target_modules=r".*\.attn\..*", rank=2), "regex .* matched no module; linear layers look like"),
+    (MoSConfig(target_modules=["mlp"], rank=2), r"matched modules that are not linear layers: .*LlamaMLP"),
+    (MoSConfig(target_modules=["q_proj"], rank=2, shards_per_vector=3),
+     "shards_per_vector=3 does not divide d_in=64 .* choose a shards_per_vector that divides both"),
+    (MoSConfig(target_modules=["q_proj"], rank=9, budget_rank=2),
+     "rank=9 cannot be met .* the largest rank that fits is 8"),
+])
+def test_targets_that_do_not_fit_the_model_are_explained(llama, cfg, message):
+    with pytest.raises(ValueError, match=message):
+        get_mos_model(llama, cfg)
 
 
 def test_defaults_and_scaling():

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from conftest import randomize_adapter, tiny_llama
 from safetensors.torch import load_file
 
 from moslora import MoSConfig, MoSModel, export_peft_lora, get_mos_model
+from moslora.atomic import atomic_file
 from moslora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 KILLS = int(os.environ.get("MOSLORA_KILLS", "60"))
@@ -127,8 +129,46 @@ def _copy_dir(src: Path, dst: Path) -> None:
 
 
 def _remove_staging(parent: Path) -> int:
-    """Count and remove ``.adapter.tmp-*`` / ``.adapter.old-*`` left behind by a kill."""
+    """Count and remove ``.adapter.tmp-*`` / ``.adapter.old-*`` left behind by a kill (the next
+    save would remove the first kind itself: see the test below)."""
     leftovers = [p for p in parent.iterdir() if p.name.startswith(".adapter.")]
     for p in leftovers:
         shutil.rmtree(p)
     return len(leftovers)
+
+
+def test_the_next_save_removes_staging_left_by_killed_writers_only(references, zygote, tmp_path):
+    target = tmp_path / "adapter"
+    _copy_dir(references / "mos_A", target)
+    rng = random.Random(0)
+    for _ in range(20):  # most kills leave one; stop at the first that does
+        _kill_writer_midway(zygote, "save", "B", target, rng.uniform(0.005, 0.150))
+        dead = [p for p in tmp_path.iterdir() if p.name.startswith(".adapter.tmp-")]
+        if dead:
+            break
+    assert dead, "20 kills left no staging directory"
+    host = socket.gethostname()
+    kept = [tmp_path / f".adapter.tmp-{zygote.pid}@{host}-00ff",  # a live writer (the zygote)
+            tmp_path / f".adapter.tmp-{os.getpid()}@{host}-0aff",  # this process: maybe another thread
+            tmp_path / ".adapter.tmp-1@some-other-host-0bff",  # pid 1 elsewhere: can't tell
+            tmp_path / ".adapter.tmp-q8x2k1"]  # unknown origin (no owner in the name)
+    for path in kept:
+        path.mkdir()
+    MoSModel.from_pretrained(tiny_llama(), references / "mos_A").save_pretrained(target)
+    assert not any(p.exists() for p in dead)
+    assert all(p.is_dir() for p in kept)
+    assert _same(_mos_state(target), _mos_state(references / "mos_A"))
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from moslora import MoSConfig
 from moslora.assets import default_model_path
 from moslora.cli import app
-from moslora.train import TrainConfig, load_base, train
+from moslora.train import TrainConfig, last_checkpoint, load_base, train
 
 TINY_MOS = MoSConfig(target_modules=["q_proj", "v_proj"], rank=4, budget_rank=2, private_rank=0)
 
@@ -63,6 +63,21 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
         torch.testing.assert_close(full[key].float(), cut[key].float(), atol=1e-6, rtol=0, msg=key)
         changed |= bool(full[key].float().abs().sum() > 0) and "pool_B" in key
     assert changed  # training really moved B away from zero
+
+
+def test_last_checkpoint_is_the_highest_complete_step(tmp_path):
+    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False),
+                           (".checkpoint-14.tmp-7@host-ab12", True), ("checkpoint-x", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by number, not by name
+    assert last_checkpoint(tmp_path / "checkpoint-2") is None
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="resume=True but .* holds no complete checkpoint"):
+        tiny_config(tmp_path / "none", resume=True)
 
 
 def test_lora_baseline_writes_a_peft_adapter(tmp_path, tokenizer):

@@ -1,15 +1,66 @@
-"""The ``moslora`` command: train, eval, info, export-peft, serve, demo, selfcheck."""
+"""The ``moslora`` command: train, eval, info, export-peft, serve, demo, selfcheck, bench."""
 
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
+from .config import ConfigError
+
 app = typer.Typer(help="Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+# options read as paths that must exist: checked before any model is loaded
+_ADAPTER_DIR = dict(exists=True, file_okay=False, dir_okay=True, resolve_path=True)
+
+
+def _option(field: str) -> str:
+    """The command-line option that sets config field ``field``."""
+    return "--targets" if field == "target_modules" else "--" + field.replace("_", "-")
+
+
+@contextmanager
+def _usage_errors(hint: str | None = None) -> Iterator[None]:
+    """Report a config or adapter error as a usage error naming the option (exit code 2)."""
+    from .checkpoint import CheckpointError
+
+    try:
+        yield
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint=hint or _option(err.field)) from None
+    except (CheckpointError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint=hint) from None
+
+
+def _finite(value: float) -> float:
+    """Typer's ``min``/``max`` let NaN and infinity through."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _model(value: Optional[str]) -> Optional[str]:
+    return _checked("check_model", value)
+
+
+def _task(value: str) -> str:
+    return _checked("check_task", value)
+
+
+def _checked(check: str, value: Any) -> Any:
+    """Run ``moslora.train.<check>`` on an option's value in its callback (click names the option)."""
+    from . import train  # here, not at the top: it imports torch, and --help should stay fast
+
+    try:
+        getattr(train, check)(value)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    return value
 
 
 def _targets(value: str) -> list[str] | str:
@@ -24,7 +75,8 @@ def _targets(value: str) -> list[str] | str:
 @app.command()
 def train(
     task: str = typer.Option("sentiment", help="sentiment | party | hamlet | chat, or a .jsonl/.csv file"),
-    model: Optional[str] = typer.Option(None, help="local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
     output_dir: str = typer.Option("runs/default", help="run folder"),
     method: str = typer.Option("mos", help="mos, or lora for a PEFT LoRA run with the same settings"),
     targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -35,20 +87,20 @@ def train(
     private_rank: int = typer.Option(1, min=0, help="p: private ranks per layer (shard privatization)"),
     subset_selection: bool = typer.Option(True, help="route each layer to its own subset of the pool"),
     pair_dissociation: bool = typer.Option(True, help="route A and B shards independently"),
-    alpha: float = typer.Option(32.0, min=0.0, help="update scale numerator (alpha / rank)"),
-    dropout: float = typer.Option(0.0, min=0.0, max=0.99),
+    alpha: float = typer.Option(32.0, min=0.0, callback=_finite, help="update scale numerator (alpha / rank)"),
+    dropout: float = typer.Option(0.0, min=0.0, max=0.99, callback=_finite),
     init: str = typer.Option("kaiming", help="kaiming | gaussian"),
     max_steps: int = typer.Option(60, min=1),
     batch_size: int = typer.Option(8, min=1),
     grad_accum: int = typer.Option(1, min=1),
-    learning_rate: float = typer.Option(2e-3, min=0.0),
-    warmup_ratio: float = typer.Option(0.1, min=0.0, max=0.99),
+    learning_rate: float = typer.Option(2e-3, min=0.0, max=1.0, callback=_finite),
+    warmup_ratio: float = typer.Option(0.1, min=0.0, max=0.99, callback=_finite),
     eval_steps: int = typer.Option(20, min=1),
     train_examples: Optional[int] = typer.Option(None, min=1),
     eval_examples: int = typer.Option(100, min=1),
     test_examples: int = typer.Option(300, min=1),
     max_length: int = typer.Option(128, min=8),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     gradient_checkpointing: bool = typer.Option(False),
     load_in_4bit: bool = typer.Option(False, help="NF4 base (bitsandbytes), QLoRA style"),
     resume: bool = typer.Option(False, help="resume from the run folder's last checkpoint"),
@@ -58,7 +110,7 @@ def train(
     from .train import TrainConfig
     from .train import train as run
 
-    try:
+    with _usage_errors():
         mos = MoSConfig(target_modules=_targets(targets), rank=rank, budget_rank=budget_rank,
                         shards_per_vector=shards_per_vector, private_rank=private_rank,
                         subset_selection=subset_selection, pair_dissociation=pair_dissociation,
@@ -70,37 +122,49 @@ def train(
                           test_examples=test_examples, max_length=max_length, seed=seed,
                           gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit,
                           resume=resume)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
     result = run(cfg)
     typer.echo(json.dumps(result.metrics, indent=2, default=str))
 
 
 @app.command("eval")
 def evaluate_cmd(
-    task: str = typer.Option("sentiment", help="task name or .jsonl/.csv file"),
-    model: Optional[str] = typer.Option(None, help="base model (default: embedded SmolLM2)"),
-    adapter: Optional[Path] = typer.Option(None, help="an MoS adapter or exported PEFT LoRA directory"),
+    task: str = typer.Option("sentiment", callback=_task, help="task name or .jsonl/.csv file"),
+    model: Optional[str] = typer.Option(None, callback=_model, help="base model (default: embedded SmolLM2)"),
+    adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
+                                           help="an MoS adapter or exported PEFT LoRA directory"),
     examples: int = typer.Option(300, min=1, help="test examples to score"),
     max_length: int = typer.Option(128, min=8),
     batch_size: int = typer.Option(8, min=1),
-    seed: int = typer.Option(0, min=0, help="split seed (as in training)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="split seed (as in training)"),
 ) -> None:
     """Evaluate a base model, with or without an adapter, on a task's test split."""
+    from .checkpoint import read_adapter_config
     from .data import Task, evaluate, load_task
     from .train import load_base
 
+    if adapter and not _is_peft(adapter):
+        with _usage_errors("--adapter"):
+            read_adapter_config(adapter)  # a broken adapter is reported before the base loads
     base, tokenizer = load_base(model)
-    net = attach_adapter(base, adapter) if adapter else base
+    with _usage_errors("--adapter"):
+        net = attach_adapter(base, adapter) if adapter else base
     task_data = load_task(task, seed=seed)
     test = Task(task_data.name, [], [], task_data.test[:examples], task_data.label_words)
     typer.echo(json.dumps(evaluate(net, tokenizer, test, "test", max_length, batch_size), indent=2))
 
 
+def _is_peft(path: Path) -> bool:
+    """Whether ``path`` holds a PEFT adapter (its config names a ``peft_type``)."""
+    config = path / "adapter_config.json"
+    try:
+        return config.is_file() and "peft_type" in json.loads(config.read_text())
+    except (ValueError, TypeError):  # not JSON, or not an object: the MoS loader explains
+        return False
+
+
 def attach_adapter(base, path: Path):
     """An MoS adapter directory, or a PEFT one (told apart by ``peft_type`` in its config)."""
-    config = path / "adapter_config.json"
-    if config.is_file() and "peft_type" in json.loads(config.read_text()):
+    if _is_peft(path):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, path)
@@ -110,11 +174,12 @@ def attach_adapter(base, path: Path):
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="an MoS adapter directory")) -> None:
+def info(path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory")) -> None:
     """What an adapter holds: config, kinds, base fingerprint, size on disk."""
     from .checkpoint import read_adapter_config
 
-    header = read_adapter_config(path)
+    with _usage_errors("path"):
+        header = read_adapter_config(path)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     typer.echo(json.dumps({"config": header["config"], "kinds": header.get("kinds"),
                            "base_architecture": header["base_fingerprint"].get("architecture"),
@@ -123,38 +188,60 @@ def info(path: Path = typer.Argument(..., help="an MoS adapter directory")) -> N
 
 @app.command("export-peft")
 def export_peft(
-    adapter: Path = typer.Argument(..., help="an MoS adapter directory"),
-    out_dir: Path = typer.Argument(..., help="where to write the PEFT LoRA directory"),
-    model: Optional[str] = typer.Option(None, help="the adapter's base model (default: embedded SmolLM2)"),
+    adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
+    out_dir: Path = typer.Argument(..., file_okay=False, help="where to write the PEFT LoRA directory"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="the adapter's base model (default: embedded SmolLM2)"),
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
-    from .checkpoint import export_peft_lora
+    from .checkpoint import export_peft_lora, read_adapter_config
     from .model import MoSModel
     from .train import load_base
 
+    with _usage_errors("adapter"):
+        read_adapter_config(adapter)  # a broken adapter is reported before the base loads
     base, _ = load_base(model)
-    export_peft_lora(MoSModel.from_pretrained(base, adapter), out_dir)
+    with _usage_errors("adapter"):
+        mos = MoSModel.from_pretrained(base, adapter)
+    export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
 
 
 @app.command()
 def serve(
-    adapters: Path = typer.Option(..., help="root directory of MoS adapters (each subdirectory is one)"),
-    base: Optional[str] = typer.Option(None, help="local HF folder or .gguf file (default: embedded SmolLM2)"),
+    adapters: Path = typer.Option(..., **_ADAPTER_DIR,
+                                  help="root directory of MoS adapters (each subdirectory is one)"),
+    base: Optional[str] = typer.Option(None, callback=_model,
+                                       help="local HF folder or .gguf file (default: embedded SmolLM2)"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000, min=1, max=65535),
-    api_keys: Optional[Path] = typer.Option(None, help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
+    api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
     max_batch: int = typer.Option(16, min=1, help="rows per batched forward"),
-    batch_window_ms: float = typer.Option(5.0, min=0.0, help="how long to wait for more requests"),
+    batch_window_ms: float = typer.Option(5.0, min=0.0, max=10_000.0, callback=_finite,
+                                          help="how long to wait for more requests"),
     queue_size: int = typer.Option(256, min=1, help="pending requests before answering 503"),
+    max_body_bytes: int = typer.Option(65_536, min=1, help="largest request body (else 413)"),
+    max_prompt_chars: int = typer.Option(16_384, min=1, help="longest prompt in characters (else 422)"),
+    max_prompt_tokens: int = typer.Option(1024, min=1, help="longest prompt in tokens (else 422)"),
+    max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask (else 422)"),
+    request_timeout: float = typer.Option(60.0, min=0.001, callback=_finite,
+                                          help="seconds before a request is answered 504"),
 ) -> None:
     """Serve every adapter under --adapters over HTTP (OpenAI-style /v1/completions)."""
+    from .serving.server import ApiKeys, Limits, load_server
+
+    try:
+        keys = ApiKeys.load(api_keys)
+    except ValueError as err:  # not JSON, or not an object of non-empty keys
+        raise typer.BadParameter(str(err), param_hint="--api-keys (or $MOSLORA_API_KEYS)") from None
+    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                    max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+                    request_timeout=request_timeout)
     import uvicorn
 
-    from .serving.server import ApiKeys, load_server
-
-    server = load_server(base, adapters, ApiKeys.load(api_keys), max_batch=max_batch,
-                         batch_window=batch_window_ms / 1000, queue_size=queue_size)
+    server = load_server(base, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
+                         queue_size=queue_size, limits=limits)
     uvicorn.run(server, host=host, port=port)
 
 
@@ -178,6 +265,60 @@ def selfcheck(steps: int = typer.Option(30, min=1, help="training steps on the t
     result = run_selfcheck(steps=steps)
     if any(result[k] > 1e-5 for k in ("merged_diff", "reload_diff", "peft_diff")):
         raise typer.Exit(code=1)
+
+
+bench_app = typer.Typer(help="Benchmarks: quality vs LoRA/VeRA/VB-LoRA, ablations, speed; writes results/.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+_QUICK = typer.Option(False, "--quick", help="a minutes-long smoke run (few steps, one seed)")
+_RESULTS = typer.Option(Path("results"), help="where the JSON and PNG files go (finished runs are reused)")
+
+
+@bench_app.command("quality")
+def bench_quality(
+    quick: bool = _QUICK,
+    results: Path = _RESULTS,
+    tracks: str = typer.Option("encoder,llm", help="comma-separated: encoder, llm"),
+) -> None:
+    """MoS vs PEFT LoRA (ranks e..8e), VeRA and VB-LoRA at matched budgets, several seeds."""
+    from .bench import quality
+
+    quality.run_quality(quick=quick, results_dir=results,
+                        tracks=_names(tracks, quality.TRACKS, "--tracks"))
+
+
+@bench_app.command("ablate")
+def bench_ablate(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
+    """MoS with each differentiation strategy removed, and pure sharing, at one budget."""
+    from .bench import quality
+
+    quality.run_ablation(quick=quick, results_dir=results)
+
+
+@bench_app.command("speed")
+def bench_speed(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
+    """Training step time and peak memory of MoS vs PEFT LoRA; where MoS time goes."""
+    from .bench import speed
+
+    speed.run_speed(quick=quick, results_dir=results)
+
+
+@bench_app.command("report")
+def bench_report(results: Path = _RESULTS, readme: Path = typer.Option(Path("README.md"))) -> None:
+    """Redraw the plots and the README's Results section from the JSON in --results."""
+    from .bench import report
+
+    report.write_report(results_dir=results, readme=readme)
+
+
+def _names(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown {unknown or value!r}; choose from {', '.join(allowed)}",
+                                 param_hint=option)
+    return names
 
 
 def main() -> None:

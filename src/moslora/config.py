@@ -7,11 +7,21 @@ hold so that MoS costs no more trainable parameters than LoRA at rank `e`?
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 INIT_SCHEMES = ("kaiming", "gaussian")
+MAX_SEED = 2**32 - 1  # numpy's limit, which the Trainer's set_seed inherits
+
+
+class ConfigError(ValueError):
+    """A configuration value out of its allowed range; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -54,35 +64,28 @@ class MoSConfig:
         for name in ("rank", "budget_rank", "shards_per_vector"):
             require_int(name, getattr(self, name), minimum=1)
         require_int("private_rank", self.private_rank, minimum=0)
-        require_int("seed", self.seed, minimum=0)
+        require_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.private_rank > self.rank:
-            raise ValueError(
-                f"private_rank={self.private_rank} exceeds rank={self.rank}: "
-                "set private_rank <= rank"
-            )
+            raise ConfigError("private_rank",
+                              f"private_rank={self.private_rank} exceeds rank={self.rank}: "
+                              "set private_rank <= rank")
         if self.private_rank > self.budget_rank:
-            raise ValueError(
+            raise ConfigError(
+                "private_rank",
                 f"private_rank={self.private_rank} exceeds budget_rank={self.budget_rank}: the "
                 "private segments alone would cost more than LoRA at the budget rank; "
-                "set private_rank <= budget_rank"
-            )
+                "set private_rank <= budget_rank")
         if self.private_rank == self.budget_rank and self.rank > self.private_rank:
-            raise ValueError(
+            raise ConfigError(
+                "private_rank",
                 f"private_rank={self.private_rank} uses the whole budget_rank={self.budget_rank}, "
                 f"leaving no budget for the public pools that rank={self.rank} needs: lower "
-                "private_rank, raise budget_rank, or set rank = private_rank"
-            )
+                "private_rank, raise budget_rank, or set rank = private_rank")
         for name in ("subset_selection", "pair_dissociation"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
-        if not (self.alpha > 0 and self.alpha < float("inf")):
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INIT_SCHEMES:
-            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+            require_bool(name, getattr(self, name))
+        require_float("alpha", self.alpha, low=0.0, low_open=True)
+        require_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        require_choice("init", self.init, INIT_SCHEMES)
 
     def _validate_targets(self) -> None:
         targets = self.target_modules
@@ -92,8 +95,9 @@ class MoSConfig:
             try:
                 re.compile(targets)
             except re.error as err:
-                raise ValueError(
-                    f"target_modules={targets!r} is neither 'all-linear' nor a valid regex: {err}"
+                raise ConfigError(
+                    "target_modules",
+                    f"target_modules={targets!r} is neither 'all-linear' nor a valid regex: {err}",
                 ) from None
             return
         if isinstance(targets, tuple):
@@ -103,9 +107,10 @@ class MoSConfig:
             or not targets
             or not all(isinstance(t, str) and t for t in targets)
         ):
-            raise ValueError(
+            raise ConfigError(
+                "target_modules",
                 "target_modules must be a non-empty list of module-name suffixes, a regex string, "
-                f"or 'all-linear'; got {targets!r}"
+                f"or 'all-linear'; got {targets!r}",
             )
 
     @property
@@ -127,7 +132,7 @@ class MoSConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MoSConfig fields {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(unknown[0], f"unknown MoSConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -136,10 +141,41 @@ class MoSConfig:
         return cls(rank=rank, budget_rank=rank, private_rank=rank, shards_per_vector=1, **kwargs)
 
 
-def require_int(name: str, value: Any, minimum: int) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def require_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """Raise ``ConfigError`` naming ``name`` unless ``value`` is an integer in range."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(name, f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def require_float(name: str, value: Any, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ConfigError`` naming ``name`` unless ``value`` is a finite number in range.
+
+    ``low``/``high`` bound the range (None: unbounded), ``*_open`` excludes the bound.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ConfigError(name, f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+
+
+def require_bool(name: str, value: Any) -> None:
+    """Raise ``ConfigError`` naming ``name`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"{name} must be True or False, got {value!r}")
+
+
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(name, f"{name} must be one of {' | '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)

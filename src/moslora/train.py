@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from accelerate.utils import broadcast_object_list
 from transformers import (
     AutoModelForCausalLM,
     PrinterCallback,
@@ -34,14 +36,21 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from .assets import resolve_model
+from .assets import DEFAULT_MODEL_NAMES, resolve_model
+from .atomic import (atomic_file, publish_directory, remove_directory, remove_stale_staging,
+                     staging_directory)
 from .checkpoint import load_adapter_weights
-from .config import MoSConfig, require_int
-from .data import Task, collate, evaluate, load_task, tokenize_example
+from .config import (MAX_SEED, ConfigError, MoSConfig, require_bool, require_choice, require_float,
+                     require_int)
+from .data import TASKS, Task, collate, evaluate, load_task, tokenize_example
 from .model import MoSModel, get_mos_model
 
 Method = Literal["mos", "lora"]
+MIN_LENGTH = 8  # max_length: room for a short prompt and its answer
 
 
 @dataclass
@@ -80,19 +89,55 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mos, dict):
             self.mos = MoSConfig.from_dict(self.mos)
-        if self.method not in ("mos", "lora"):
-            raise ValueError(f"method must be 'mos' or 'lora', got {self.method!r}")
+        if not isinstance(self.mos, MoSConfig):
+            raise ConfigError("mos", f"mos must be a MoSConfig or a dict of its fields, got {self.mos!r}")
+        require_choice("method", self.method, ("mos", "lora"))
+        check_task(self.task)
+        check_model(self.model)
+        _check_output_dir(self.output_dir)
         for name in ("max_steps", "batch_size", "grad_accum", "eval_steps", "eval_examples",
-                     "test_examples", "max_length"):
+                     "test_examples"):
             require_int(name, getattr(self, name), minimum=1)
+        require_int("max_length", self.max_length, minimum=MIN_LENGTH)
         if self.train_examples is not None:
             require_int("train_examples", self.train_examples, minimum=1)
-        if not (0 < self.learning_rate < 1):
-            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ValueError("weight_decay must be >= 0 and max_grad_norm > 0")
+        require_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        require_float("learning_rate", self.learning_rate, low=0.0, high=1.0, low_open=True, high_open=True)
+        require_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
+        require_float("weight_decay", self.weight_decay, low=0.0)
+        require_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        for name in ("gradient_checkpointing", "load_in_4bit", "resume", "progress"):
+            require_bool(name, getattr(self, name))
+        if self.resume:
+            resume_checkpoint(self)
+
+
+def check_task(task: Any) -> None:
+    """Raise ``ConfigError`` unless ``task`` is a built-in task or an existing .jsonl/.csv file."""
+    if isinstance(task, str) and task in TASKS:
+        return
+    path = Path(task) if isinstance(task, (str, os.PathLike)) else None
+    if path is None or path.suffix not in (".jsonl", ".csv"):
+        raise ConfigError("task", f"task must be one of {' | '.join(TASKS)} or a .jsonl / .csv file, "
+                                  f"got {task!r}")
+    if not path.is_file():
+        raise ConfigError("task", f"task file {str(path)!r} does not exist")
+
+
+def check_model(model: Any) -> None:
+    """Raise ``ConfigError`` unless ``model`` is the default or an existing path."""
+    if model in DEFAULT_MODEL_NAMES:
+        return
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).expanduser().exists():
+        raise ConfigError("model", f"model {model!r} does not exist: use 'smollm2' (the default), a "
+                                   "local Hugging Face model folder or a .gguf file")
+
+
+def _check_output_dir(output_dir: Any) -> None:
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise ConfigError("output_dir", f"output_dir must be a directory path, got {output_dir!r}")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ConfigError("output_dir", f"output_dir {str(output_dir)!r} exists and is not a directory")
 
 
 @dataclass
@@ -176,6 +221,75 @@ class AdapterTrainer(Trainer):
             output_dir = output_dir or self.args.output_dir
             model.save_pretrained(output_dir)
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """HF's checkpoint, written to a staging directory and renamed into place when complete.
+
+        The steps and their order are ``transformers.Trainer._save_checkpoint``'s (adapter,
+        optimizer, scheduler, scaler, RNG states, trainer state, then rotation of old
+        checkpoints); only the destination differs. A run killed at any point therefore leaves
+        every ``checkpoint-N`` complete or absent, and the next save removes the staging
+        directories of killed ones. Hyperparameter-search trials and hub pushes, which
+        ``train`` never uses, keep HF's own in-place write.
+        """
+        if trial is not None or self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
+        self.store_flos()
+        run_dir = Path(self._get_output_dir(trial=None))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = self._staging_for(final)
+        self.save_model(str(staging), _internal_call=True)
+        self.accelerator.wait_for_everyone()  # don't write beside a model save still in flight
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+        # the best checkpoint may be the one being written, which has no final name yet
+        if self.state.best_global_step and (self.state.best_global_step == self.state.global_step
+                                            or best.exists()):
+            self.state.best_model_checkpoint = str(best)
+        if self.args.should_save:
+            self._store_callback_states()
+            self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its files (rng_state_<rank>)
+        if self.args.should_save:
+            publish_directory(staging, final)
+            self._rotate_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _staging_for(self, final: Path) -> Path:
+        """The main process's fresh staging directory for ``final``, known to every process."""
+        staging = [None]
+        if self.args.should_save:
+            remove_stale_staging(final.parent)  # killed saves of any step, not only this one
+            staging = [staging_directory(final)]
+        return Path(broadcast_object_list(staging)[0])
+
+    def _rotate_checkpoints(self, run_dir: Path) -> None:
+        """HF's rotation (keep the newest ``save_total_limit``, never the latest or the best),
+        but each deletion is atomic, so a kill never leaves a half-deleted ``checkpoint-N``."""
+        limit = self.args.save_total_limit
+        ordered = sort_checkpoints(str(run_dir), use_mtime=True)
+        if not limit or limit <= 0 or len(ordered) <= limit:
+            return
+        protected = {ordered[-1]}
+        if self.state.best_model_checkpoint is not None:
+            protected.add(str(Path(self.state.best_model_checkpoint)))
+        deletable = [c for c in ordered if c not in protected]
+        for checkpoint in deletable[:len(ordered) - max(limit, len(protected))]:
+            remove_directory(checkpoint)
+
+    def _store_callback_states(self) -> None:
+        """Record stateful callbacks (early stopping, ...) in the state, as HF's save does."""
+        for cb in self.callback_handler.callbacks + [self.control]:
+            if not isinstance(cb, ExportableState):
+                continue
+            name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
         if not isinstance(target, MoSModel):
@@ -205,14 +319,22 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             raise TrainingDiverged(
                 f"training loss became {loss} at step {state.global_step}; last good checkpoint: "
-                f"{_last_checkpoint(args.output_dir) or 'none'}. Lower learning_rate (or raise "
+                f"{last_checkpoint(args.output_dir) or 'none'}. Lower learning_rate (or raise "
                 "max_grad_norm's strictness) and resume or restart"
             )
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    steps = [(int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit()]
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The complete checkpoint of the highest step in ``output_dir``, or None.
+
+    Complete means it holds the trainer state, which is written last: with atomic saves every
+    ``checkpoint-N`` is complete, and this also skips a half-deleted or half-written one left
+    by an older version or another tool. Staging directories (``.checkpoint-N.tmp-*``) never
+    match.
+    """
+    steps = [(int(match[1]), p) for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name))
+             and (p / TRAINER_STATE_NAME).is_file()]
     return str(max(steps)[1]) if steps else None
 
 
@@ -258,10 +380,10 @@ def _dataset(task: Task, split: str, tokenizer: Any, cfg: TrainConfig, limit: in
     return [tokenize_example(tokenizer, e, cfg.max_length) for e in examples]
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path, task: Task) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, task: Task) -> TrainingArguments:
     best_metric = "eval_accuracy" if task.label_words else "eval_loss"
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(checkpoint_dir(cfg)),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -320,7 +442,7 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     pad_id = tokenizer.pad_token_id
     trainer = AdapterTrainer(
         model=model,
-        args=training_arguments(cfg, run_dir, task),
+        args=training_arguments(cfg, task),
         train_dataset=_dataset(task, "train", tokenizer, cfg, cfg.train_examples),
         eval_dataset=_dataset(task, "validation", tokenizer, cfg, cfg.eval_examples),
         data_collator=lambda features: collate(features, pad_id),
@@ -329,7 +451,7 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     )
     if cfg.progress:
         trainer.remove_callback(PrinterCallback)  # the progress bar replaces the printed logs
-    trainer.train(resume_from_checkpoint=cfg.resume or None)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg) if cfg.resume else None)
 
     adapter_dir = run_dir / "adapter"
     test = evaluate(model, tokenizer, Task(task.name, [], [], task.test[:cfg.test_examples],
@@ -352,6 +474,20 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     return TrainResult(metrics, adapter_dir, model, tokenizer, task)
 
 
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    """Where the Trainer's ``checkpoint-N`` directories of a run go."""
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def resume_checkpoint(cfg: TrainConfig) -> str:
+    """The checkpoint ``resume=True`` continues from: the run's last complete one."""
+    last = last_checkpoint(checkpoint_dir(cfg))
+    if last is None:
+        raise ConfigError("resume", f"resume=True but {checkpoint_dir(cfg)} holds no complete checkpoint "
+                                    "(checkpoint-N with trainer_state.json); drop resume to start afresh")
+    return last
+
+
 def dir_bytes(path: Path) -> int:
     """Bytes of all files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
@@ -364,10 +500,8 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
 def plot_losses(log_history: list[dict[str, Any]], path: Path) -> None:

@@ -316,6 +316,7 @@ class RunSpec:
 
 def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) -> dict[str, Any]:
     """Fine-tune one adapter, then score validation and test: the record stored for ``run``."""
+    began = time.perf_counter()
     torch.manual_seed(run.seed)
     base, head = track.fresh_model(run.seed)
     model, solved = attach(base, run.adapter, track.targets, run.seed)
@@ -344,12 +345,13 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
     nan = {"accuracy": math.nan, "loss": math.nan}
     val = nan if diverged else track.evaluate(model, task.validation[:run.eval_examples], task.label_words)
     test = nan if diverged else track.evaluate(model, task.test[:run.test_examples], task.label_words)
+    size = adapter_bytes(model, scratch / run.key)
     return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
             "adapter_params": sum(p.numel() for p in params),
-            "head_params": sum(p.numel() for p in head),
-            "adapter_bytes": adapter_bytes(model, scratch / run.key),
+            "head_params": sum(p.numel() for p in head), "adapter_bytes": size,
             "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "diverged": diverged, "train_seconds": seconds,
+            "seconds": time.perf_counter() - began,
             "first_loss": losses[0] if losses else math.nan,
             "last_loss": statistics.fmean(losses[-10:]) if losses else math.nan}
 

@@ -111,8 +111,33 @@ def quality_markdown(result: dict[str, Any]) -> str:
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {r['label']} | {r['adapter_params']:,} | {r['adapter_bytes']:,} | "
                       f"{_pm(r['accuracy'])} | {_pm(r['loss'])} |" for r in table["results"]]
-            lines.append("")
+            lines += [""] + [f"- {claim}" for claim in claims(table["results"], spec["budgets"])] + [""]
     return "\n".join(lines)
+
+
+def claims(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
+    """The paper's comparisons, read off one table: each MoS setting at budget e against
+    LoRA@e (same parameters), LoRA@8e (8x the parameters), VeRA and VB-LoRA at e."""
+    def find(method: str, budget: int, rank: int | None = None) -> dict[str, Any] | None:
+        return next((r for r in rows if r["adapter"]["method"] == method
+                     and r["adapter"]["budget"] == budget
+                     and (rank is None or r["adapter"]["rank"] == rank)), None)
+
+    out = []
+    for e in budgets:
+        others = [find("lora", e, e), find("lora", 8 * e, 8 * e), find("vera", e), find("vblora", e)]
+        for mos in (r for r in rows if r["adapter"]["method"] == "mos" and r["adapter"]["budget"] == e
+                    and not r["adapter"]["tag"]):
+            versus = [f"{o['label']} {_delta(mos, o)}" for o in others if o is not None]
+            out.append(f"{mos['label']} ({_pm(mos['accuracy'])}) vs " + "; ".join(versus))
+    return out
+
+
+def _delta(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Accuracy difference in points, with the two runs' stds combined as its uncertainty."""
+    d = 100 * (a["accuracy"]["mean"] - b["accuracy"]["mean"])
+    sd = 100 * math.hypot(a["accuracy"]["std"], b["accuracy"]["std"])
+    return f"{d:+.2f} ± {sd:.2f} pts"
 
 
 def ablation_markdown(result: dict[str, Any]) -> str:
@@ -138,8 +163,12 @@ def results_markdown(results_dir: Path) -> str:
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
                   "![ablation](results/ablation.png)", ""]
-    if (results_dir / "speed.png").is_file():
-        parts += ["### Speed", "", "See `results/speed.json`.", "", "![speed](results/speed.png)", ""]
+    speed = _load(results_dir / "speed.json")
+    if speed:
+        from .speed import speed_markdown
+
+        parts += ["### Training speed and memory", "", speed_markdown(speed), "",
+                  "![speed](results/speed.png)", ""]
     return "\n".join(parts)
 
 

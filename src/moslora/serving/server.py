@@ -9,6 +9,13 @@ waiting at most ``batch_window`` seconds for company, and answers them with one 
 ``generate`` call. A full queue answers 503 at once, so a burst is refused, not left to time
 out. Decoding is greedy.
 
+Limits (``create_app`` arguments, ``moslora serve`` options): request body bytes (413), one
+prompt per request, prompt characters and tokens, ``max_tokens`` (422), queue length (503) and
+time to answer (504: the request is dropped if still queued). Adapters load only from
+directories under the root, after symlinks are resolved, with their files also under it. An
+unexpected error answers 500 with a generic JSON body; the traceback goes to the server log,
+never to the client.
+
 Keys (optional): ``{"*": key}`` protects every model and the adapter endpoints,
 ``{name: key}`` one adapter; a model with neither key is open. Clients send
 ``Authorization: Bearer KEY``.
@@ -32,10 +39,13 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import torch
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..checkpoint import CONFIG_NAME, CheckpointError
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from ..config import require_float, require_int
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
 
 KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
@@ -45,15 +55,62 @@ KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
 
 
 class CompletionRequest(BaseModel):
-    model: str = Field(description=f"an adapter name, or {BASE!r} for the base model")
-    prompt: str = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1, le=1024)
+    model: str = Field(min_length=1, max_length=128, description=f"an adapter name, or {BASE!r} for the base model")
+    prompt: str = Field(min_length=1, description="one prompt (a list is refused)")
+    max_tokens: int = Field(16, ge=1, description="at most the server's max_tokens limit")
     temperature: float = Field(0.0, ge=0.0, le=0.0, description="only greedy decoding (0) is served")
 
 
 class AdapterRequest(BaseModel):
-    name: str
-    path: str = Field(description="adapter directory, relative to the server's adapter root")
+    name: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1, max_length=4096,
+                      description="adapter directory, relative to the server's adapter root")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how long it may wait; validated at construction."""
+
+    max_body_bytes: int = 65_536
+    max_prompt_chars: int = 16_384
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 1024
+    request_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_chars", "max_prompt_tokens", "max_tokens"):
+            require_int(name, getattr(self, name), minimum=1)
+        require_float("request_timeout", self.request_timeout, low=0.0, low_open=True)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is all read,
+    whether its Content-Length says so or it streams more than it declared (chunked)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            response = JSONResponse({"detail": self._message()}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI turns this into the 413 response
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body too large: the limit is {self.limit} bytes"
 
 
 # ---------------------------------------------------------------------------- keys
@@ -137,6 +194,8 @@ class Batcher:
             self._answer(jobs)
 
     def _answer(self, jobs: list[Job]) -> None:
+        # a job whose client gave up (timeout) is dropped; the rest can no longer be cancelled
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         loaded = set(self.model.adapters()) | {BASE}
         for job in [j for j in jobs if j.model not in loaded]:  # unloaded while queued
             job.future.set_exception(UnknownAdapterError(f"no adapter named {job.model!r} is loaded"))
@@ -185,9 +244,13 @@ def create_app(
     max_batch: int = 16,
     batch_window: float = 0.005,
     queue_size: int = 256,
-    max_prompt_tokens: int = 1024,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI app over ``model``. The worker thread runs while the app does (lifespan)."""
+    limits = limits or Limits()
+    require_int("max_batch", max_batch, minimum=1)
+    require_int("queue_size", queue_size, minimum=1)
+    require_float("batch_window", batch_window, low=0.0)
     root = Path(adapter_root).resolve()
     keys = keys or ApiKeys()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -202,6 +265,21 @@ def create_app(
 
     app = FastAPI(title="moslora", lifespan=lifespan)
     app.state.batcher = batcher
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # where and what, without echoing the input: FastAPI's own handler fails with a 500 on
+        # a body that is not UTF-8, and would reflect whatever a client sent
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this; the client learns nothing of the internals
+        metrics["internal_errors"] += 1
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     def admin(authorization: str | None = Header(None)) -> None:
         if not keys.allows("*", authorization):
@@ -214,18 +292,28 @@ def create_app(
             raise HTTPException(403, f"model {req.model!r} needs a valid API key")
         if req.model != BASE and req.model not in model.adapters():
             raise HTTPException(404, f"no model {req.model!r}; see GET /v1/models")
+        if req.max_tokens > limits.max_tokens:
+            raise HTTPException(422, f"max_tokens={req.max_tokens} is over the limit of {limits.max_tokens}")
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise HTTPException(422, f"prompt has {len(req.prompt)} characters, the limit is "
+                                     f"{limits.max_prompt_chars}")
         prompt_ids = tokenizer(req.prompt)["input_ids"]
-        if len(prompt_ids) > max_prompt_tokens:
-            raise HTTPException(422, f"prompt has {len(prompt_ids)} tokens, the limit is {max_prompt_tokens}")
+        if len(prompt_ids) > limits.max_prompt_tokens:
+            raise HTTPException(422, f"prompt has {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
         try:
             future = batcher.submit(Job(req.model, prompt_ids, req.max_tokens))
         except queue.Full:
             metrics["rejected_queue_full"] += 1
             raise HTTPException(503, "server busy: the request queue is full, retry later") from None
         try:
-            tokens, finish = await asyncio.wrap_future(future)
+            # on timeout wait_for cancels the future, so a still-queued job is never generated
+            tokens, finish = await asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout)
         except UnknownAdapterError as err:
             raise HTTPException(404, str(err)) from None
+        except asyncio.TimeoutError:
+            metrics["timeouts"] += 1
+            raise HTTPException(504, f"no answer within {limits.request_timeout:g} s; the request was "
+                                     "dropped, retry later") from None
         metrics["prompt_tokens"] += len(prompt_ids)
         metrics["completion_tokens"] += len(tokens)
         return {
@@ -246,8 +334,10 @@ def create_app(
 
     @app.post("/v1/adapters", dependencies=[Depends(admin)])
     async def load(req: AdapterRequest) -> dict:
-        path = (root / req.path).resolve()
-        if not path.is_relative_to(root):
+        path = (root / req.path).resolve()  # resolves "..", absolute paths and symlinks
+        # the files too: a symlinked adapter_config.json must not read from outside the root
+        files = [(path / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        if not all(p.is_relative_to(root) for p in (path, *files)):
             raise HTTPException(400, f"adapter path {req.path!r} is outside the adapter root")
         if req.name in model.adapters():
             raise HTTPException(409, f"an adapter named {req.name!r} is already loaded")
