@@ -264,6 +264,10 @@ def _set_flat(tensors: dict[str, torch.Tensor], key: str, pos: int, value: float
     if tensor.numel() == 0:
         return
     flat = tensor.view(-1)
+    if flat.dtype == torch.bool:  # no NaN and no range (torch.iinfo refuses bool): set the bit
+        flat[pos % flat.numel()] = value != 0
+        tensors[key] = tensor
+        return
     # Integer tensors cannot hold NaN/Inf; store the largest value of their type instead.
     # (capped at 2**63 - 1, the largest int torch accepts from Python, for uint64).
     if not flat.is_floating_point():
