@@ -22,11 +22,12 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -162,8 +163,7 @@ def adapter_bytes(model: nn.Module, scratch: Path) -> int:
     model.save_pretrained(scratch)
     # weights and config; PEFT also writes a README model card, which is not the adapter
     size = sum(f.stat().st_size for f in scratch.rglob("*") if f.suffix in (".safetensors", ".json"))
-    for f in sorted(scratch.rglob("*"), reverse=True):
-        f.unlink() if f.is_file() else f.rmdir()
+    shutil.rmtree(scratch)
     return size
 
 
