@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from conftest import randomize_adapter, tiny_llama
 from typer.testing import CliRunner
 
@@ -28,6 +29,52 @@ def test_info_describes_an_adapter(tmp_path):
     assert info["config"]["rank"] == 3
     assert info["base_architecture"] == "LlamaForCausalLM"
     assert info["bytes_on_disk"] > 0
+
+
+@pytest.fixture
+def saved_base_and_adapter(tmp_path):
+    """A tiny Llama saved as a local model folder (with a tokenizer) and an MoS adapter for it."""
+    from transformers import AutoTokenizer
+
+    from moslora.assets import default_model_path
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "base")
+    model = get_mos_model(tiny_llama(), MoSConfig(rank=3, budget_rank=2, private_rank=1))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", model
+
+
+def test_merge_saves_a_plain_model_with_the_adapters_outputs(saved_base_and_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, model = saved_base_and_adapter
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert (plain - want).abs().max() > 0.1  # the adapter changes the outputs
+    for dtype, tolerance in (("float32", 1e-5), ("bfloat16", 0.05)):
+        out = tmp_path / f"merged-{dtype}"
+        result = runner.invoke(app, ["merge", str(adapter), str(out), "--model", str(base),
+                                     "--dtype", dtype])
+        assert result.exit_code == 0, result.output
+        merged = AutoModelForCausalLM.from_pretrained(out)
+        assert merged.dtype == getattr(torch, dtype)
+        assert not any("mos" in name for name, _ in merged.named_modules())
+        with torch.no_grad():
+            got = merged(ids).logits.float()
+        assert (got - want).abs().max() <= tolerance, dtype
+        assert (out / "tokenizer.json").is_file()
+
+
+def test_merge_never_overwrites_a_model(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    result = runner.invoke(app, ["merge", str(adapter), str(base), "--model", str(base)])
+    assert result.exit_code == 2
+    assert "already exists" in flat(result.output)
+    assert (base / "model.safetensors").is_file()
 
 
 def flat(output: str) -> str:
@@ -111,6 +158,12 @@ BAD_OPTIONS = [
     (["export-peft", "{tmp}/empty", "{tmp}/out"], "adapter"),
     (["export-peft", "{tmp}/empty", "{tmp}/a.txt"], "out_dir"),
     (["export-peft", "{tmp}/empty", "{tmp}/out", "--model", "{tmp}/no-model"], "--model"),
+    # merge
+    (["merge", "{tmp}/no-adapter", "{tmp}/out"], "adapter"),
+    (["merge", "{tmp}/empty", "{tmp}/out"], "adapter"),
+    (["merge", "{tmp}/empty", "{tmp}/a.txt"], "out_dir"),
+    (["merge", "{tmp}/empty", "{tmp}/out", "--dtype", "int8"], "--dtype"),
+    (["merge", "{tmp}/empty", "{tmp}/out", "--model", "{tmp}/no-model"], "--model"),
     # serve
     (["serve", "--adapters", "{tmp}/no-root"], "--adapters"),
     (["serve", "--adapters", "{tmp}/a.txt"], "--adapters"),

@@ -1,4 +1,4 @@
-"""The ``moslora`` command: train, eval, info, export-peft, serve, demo, selfcheck, bench."""
+"""The ``moslora`` command: train, eval, info, merge, export-peft, serve, demo, selfcheck, bench."""
 
 from __future__ import annotations
 
@@ -186,6 +186,60 @@ def info(path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter d
                            "bytes_on_disk": size}, indent=2))
 
 
+def _load_mos(adapter: Path, model: Optional[str]):
+    """The base model with the MoS adapter at ``adapter`` attached, and its tokenizer."""
+    from .checkpoint import read_adapter_config
+    from .model import MoSModel
+    from .train import load_base
+
+    with _usage_errors("adapter"):
+        read_adapter_config(adapter)  # a broken adapter is reported before the base loads
+    base, tokenizer = load_base(model)
+    with _usage_errors("adapter"):
+        return MoSModel.from_pretrained(base, adapter), tokenizer
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(value: str) -> str:
+    if value not in _DTYPES:
+        raise typer.BadParameter(f"unknown dtype {value!r}; choose from {', '.join(_DTYPES)}")
+    return value
+
+
+def _new_directory(value: Path) -> Path:
+    """An output directory that does not exist yet or is empty: a merge never overwrites a model."""
+    if value.exists() and (not value.is_dir() or any(value.iterdir())):
+        raise typer.BadParameter(f"{value} already exists and is not an empty directory; "
+                                 "choose a new path or remove it")
+    return value
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
+    out_dir: Path = typer.Argument(..., callback=_new_directory,
+                                   help="a new directory for the merged model"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="the adapter's base model (default: embedded SmolLM2)"),
+    dtype: str = typer.Option("float32", callback=_dtype, help="dtype of the saved weights: "
+                              + ", ".join(_DTYPES)),
+) -> None:
+    """Fold an MoS adapter into its base (W += alpha/r B A) and save a plain Hugging Face model."""
+    import torch
+
+    from .atomic import atomic_directory
+
+    mos, tokenizer = _load_mos(adapter, model)
+    # cast after merging: the sum is taken at the base's own precision
+    merged = mos.merge_and_unload().to(getattr(torch, dtype))
+    with atomic_directory(out_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    typer.echo(f"wrote {out_dir}")
+
+
 @app.command("export-peft")
 def export_peft(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
@@ -194,15 +248,9 @@ def export_peft(
                                         help="the adapter's base model (default: embedded SmolLM2)"),
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
-    from .checkpoint import export_peft_lora, read_adapter_config
-    from .model import MoSModel
-    from .train import load_base
+    from .checkpoint import export_peft_lora
 
-    with _usage_errors("adapter"):
-        read_adapter_config(adapter)  # a broken adapter is reported before the base loads
-    base, _ = load_base(model)
-    with _usage_errors("adapter"):
-        mos = MoSModel.from_pretrained(base, adapter)
+    mos, _ = _load_mos(adapter, model)
     export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
 
