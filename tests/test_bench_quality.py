@@ -79,3 +79,11 @@ def test_report_replaces_only_its_section(quick, tmp_path):
     assert first.startswith("# title\n\nintro\n") and "| LoRA r=4 |" in first
     report.write_report(out / "quick", readme)
     assert readme.read_text() == first  # idempotent: the section is replaced, not appended
+
+
+def test_pick_rate_takes_the_smallest_rate_within_one_standard_error():
+    # best 0.74 on 200 examples: one standard error is 3.1 points, so 0.73 ties and 0.70 does not
+    assert quality.pick_rate({1e-4: 0.70, 3e-4: 0.73, 1e-3: 0.74, 3e-3: 0.52}, 200) == 3e-4
+    assert quality.pick_rate({1e-4: 0.70, 3e-4: 0.73, 1e-3: 0.74}, 20_000) == 1e-3
+    assert quality.pick_rate({1e-3: math.nan, 3e-3: 0.6}, 200) == 3e-3  # diverged runs never win
+    assert quality.pick_rate({1e-3: math.nan, 3e-3: math.nan}, 200) == 1e-3

@@ -103,10 +103,12 @@ def quality_markdown(result: dict[str, Any]) -> str:
     for track, data in result["tracks"].items():
         spec = data["spec"]
         for task, table in data["tasks"].items():
-            lrs = ", ".join(f"{k} {v['lr']:.1e}" for k, v in table["learning_rates"].items())
+            rates = table["learning_rates"]
+            lrs = ", ".join(f"{k} {v['lr']:.1e}" for k, v in rates.items())
+            swept = next(iter(rates.values()), {}).get("task", task)
             lines += [f"**{track} · {task}** — {spec['steps']} steps × batch {spec['batch_size']}, "
                       f"{len(table['results'][0]['seeds'])} seeds, {spec['test_examples']} test examples; "
-                      f"learning rates (swept): {lrs}", "",
+                      f"learning rates (swept on {swept}): {lrs}", "",
                       "| setting | adapter params | adapter bytes | accuracy | eval loss |",
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {r['label']} | {r['adapter_params']:,} | {r['adapter_bytes']:,} | "
