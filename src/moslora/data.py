@@ -300,7 +300,26 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int,
 
 # --------------------------------------------------------------------------------- metrics
 
-@torch.no_grad()
+def _forward_batches(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
+                     end_turn: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) per batch of tokenized ``examples``, in eval mode without gradients;
+    the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                features = [tokenize_example(tokenizer, e, max_length, end_turn)
+                            for e in examples[start:start + batch_size]]
+                batch = collate(features, pad_id, tokenizer.padding_side)
+                labels = batch.pop("labels").to(device)
+                yield model(**{k: v.to(device) for k, v in batch.items()}).logits, labels
+    finally:
+        model.train(was_training)
+
+
 def completion_logprobs(model, tokenizer, examples: list[Example], max_length: int = 256,
                         batch_size: int = 8, end_turn: bool = True) -> list[tuple[float, int]]:
     """Per example: (sum of the log-probabilities of its completion tokens, their count).
@@ -309,27 +328,15 @@ def completion_logprobs(model, tokenizer, examples: list[Example], max_length: i
     model's mode afterwards. Batches are padded on ``tokenizer.padding_side``; the result
     depends neither on that nor on ``batch_size``.
     """
-    was_training = model.training
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
     results = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            features = [tokenize_example(tokenizer, e, max_length, end_turn)
-                        for e in examples[start:start + batch_size]]
-            batch = collate(features, pad_id, tokenizer.padding_side)
-            labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            # position t predicts token t + 1
-            targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
-            logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
-            token_lp = logprobs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
-            sums = torch.zeros(len(features), device=device)
-            sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
-            results += zip(sums.tolist(), scored.sum(1).tolist())
-    finally:
-        model.train(was_training)
+    for logits, labels in _forward_batches(model, tokenizer, examples, max_length, batch_size, end_turn):
+        # position t predicts token t + 1
+        targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+        logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+        token_lp = logprobs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+        sums = torch.zeros(len(labels), device=labels.device)
+        sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
+        results += zip(sums.tolist(), scored.sum(1).tolist())
     return results
 
 
@@ -357,11 +364,33 @@ def predict_labels(model, tokenizer, examples: list[Example], label_words: list[
     Each word is scored by its log-likelihood as the whole answer, without the end of turn:
     how the model would go on after the word is no evidence for or against it.
     """
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
+    if max_length > 1 and all(len(ids) == 1 for ids in word_ids) and all(e.prompt for e in examples):
+        return _predict_single_tokens(model, tokenizer, examples, [ids[0] for ids in word_ids],
+                                      label_words[0], max_length, batch_size)
     candidates = [replace(e, completion=word) for e in examples for word in label_words]
     scores = completion_logprobs(model, tokenizer, candidates, max_length, batch_size,
                                  end_turn=False)
     k = len(label_words)
     return [max(range(k), key=lambda j: scores[i * k + j][0]) for i in range(len(examples))]
+
+
+def _predict_single_tokens(model, tokenizer, examples: list[Example], word_ids: list[int],
+                           first_word: str, max_length: int, batch_size: int) -> list[int]:
+    """``predict_labels`` when every label word is one token: one forward per example.
+
+    Causality makes the logits before the answer the same whichever one-token word follows,
+    and every candidate truncates the prompt alike, so the prompt + first word pass scores
+    all words at once, exactly as one pass per word would.
+    """
+    candidates = [replace(e, completion=first_word) for e in examples]
+    ids = torch.tensor(word_ids)
+    predictions: list[int] = []
+    for logits, labels in _forward_batches(model, tokenizer, candidates, max_length, batch_size, False):
+        before_answer = (labels[:, 1:] != IGNORE_INDEX).float().argmax(1)  # the answer is 1 token
+        scores = logits[torch.arange(len(labels)), before_answer][:, ids.to(logits.device)]
+        predictions += scores.float().argmax(1).tolist()
+    return predictions
 
 
 def classification_accuracy(model, tokenizer, examples: list[Example], label_words: list[str],
