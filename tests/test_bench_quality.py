@@ -87,3 +87,18 @@ def test_pick_rate_takes_the_smallest_rate_within_one_standard_error():
     assert quality.pick_rate({1e-4: 0.70, 3e-4: 0.73, 1e-3: 0.74}, 20_000) == 1e-3
     assert quality.pick_rate({1e-3: math.nan, 3e-3: 0.6}, 200) == 3e-3  # diverged runs never win
     assert quality.pick_rate({1e-3: math.nan, 3e-3: math.nan}, 200) == 1e-3
+
+
+def test_vera_matches_the_lora_count_and_runs_once_when_capped():
+    small = [(16, 16), (16, 48)] * 4  # an uncapped rank: VeRA matches LoRA@e's count
+    for e in (2, 4):
+        r, matched = quality.vera_rank(small, e)
+        assert r == matched
+        vera = r * len(small) + sum(o for _, o in small)
+        assert abs(vera - e * sum(i + o for i, o in small)) <= len(small) / 2
+    methods = [a.method for a in quality.suite((2, 4), 4, small)]
+    assert methods.count("vera") == 2
+    wide = [(384, 384)] * 36  # MiniLM-sized: both budgets hit the cap, so one VeRA setting
+    assert quality.vera_rank(wide, 4)[0] == quality.vera_rank(wide, 8)[0] == quality.VERA_MAX_RANK
+    methods = [a.method for a in quality.suite((4, 8), 6, wide)]
+    assert methods.count("vera") == 1 and methods.count("vblora") == 2

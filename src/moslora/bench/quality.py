@@ -9,9 +9,10 @@ Two tracks, both offline:
 For each budget ``e`` the suite trains PEFT LoRA at ranks e, 2e, 4e, 8e, PEFT VeRA and PEFT
 VB-LoRA sized to LoRA@e's parameter count, MoS at budget e with per-layer rank 4e and 8e
 (capped where subset selection cannot reach it, see ``mos_rank``), and our LoRA-equivalent
-MoS setting. Every run uses the same data order, steps, schedule and seeds; the learning rate
-of each method family comes from the same four-point sweep around a family default, on seed 0
-of the smallest budget and the track's first task (see ``pick_rate`` for the choice). Finished runs are appended to
+MoS setting; VeRA runs once when its capped rank is the same at every budget. Every run uses
+the same data order, steps, schedule and seeds; the learning rate of each method family comes
+from the same four-point sweep around a family default, on seed 0 of the smallest budget and
+the track's first task (see ``pick_rate`` for the choice). Finished runs are appended to
 ``runs.jsonl`` in the results folder and skipped when the suite runs again.
 """
 
@@ -95,14 +96,30 @@ def mos_rank(budget: int, layers: int, private: int, want: int) -> int:
     return min(want, private + (budget - private) * layers)
 
 
-def suite(budgets: tuple[int, ...], layers: int, private: int = 1) -> list[Adapter]:
-    """Every setting of the quality suite for these budgets (LoRA ranks deduplicated)."""
+def vera_rank(dims: list[tuple[int, int]], budget: int) -> tuple[int, int]:
+    """VeRA's rank at LoRA@budget's parameter count over layers of ``dims`` (d_in, d_out):
+    (the rank used, capped at VERA_MAX_RANK; the rank the count alone would ask for).
+    VeRA trains lambda_d (r) and lambda_b (d_out) per layer."""
+    lora = budget * sum(i + o for i, o in dims)
+    matched = max(1, round((lora - sum(o for _, o in dims)) / len(dims)))
+    return min(matched, VERA_MAX_RANK), matched
+
+
+def suite(budgets: tuple[int, ...], layers: int, dims: list[tuple[int, int]],
+          private: int = 1) -> list[Adapter]:
+    """Every setting of the quality suite for these budgets, over ``layers`` blocks whose
+    adapted layers have ``dims`` (LoRA ranks deduplicated; VeRA once per distinct rank)."""
     ranks = sorted({k * e for e in budgets for k in (1, 2, 4, 8)})
     adapters = [Adapter("lora", r, rank=r) for r in ranks]
     # the LoRA-equivalent setting is a correctness check: once, at the smallest budget
     adapters.append(Adapter("lora-eq", budgets[0], rank=budgets[0]))
+    vera_ranks = set()
     for e in budgets:
-        adapters += [Adapter("vera", e), Adapter("vblora", e)]
+        r, _ = vera_rank(dims, e)
+        if r not in vera_ranks:  # capped at a larger budget, VeRA would repeat the same runs
+            adapters.append(Adapter("vera", e))
+            vera_ranks.add(r)
+        adapters.append(Adapter("vblora", e))
         mos = {mos_rank(e, layers, private, k * e) for k in (4, 8)}
         adapters += [Adapter("mos", e, rank=r, private=private) for r in sorted(mos)]
     return adapters
@@ -132,21 +149,19 @@ def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: in
         return get_mos_model(base, cfg), {}
     from peft import LoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 
-    budget = adapter.budget * sum(i + o for i, o in dims)  # LoRA@e's parameter count
     if adapter.method == "lora":
         # scale alpha / r = 2 for every rank, as for MoS
         return get_peft_model(base, LoraConfig(r=adapter.rank, lora_alpha=2 * adapter.rank,
                                                target_modules=targets)), {}
     if adapter.method == "vera":
-        # trainable: lambda_d (r) and lambda_b (d_out) per layer; r solves the budget
-        matched = max(1, round((budget - sum(o for _, o in dims)) / len(dims)))
-        r = min(matched, VERA_MAX_RANK)
+        r, matched = vera_rank(dims, adapter.budget)
         return get_peft_model(base, VeraConfig(r=r, target_modules=targets, projection_prng_key=seed,
                                                save_projection=False)), {"vera_r": r, "vera_r_matched": matched}
     if adapter.method == "vblora":
-        # trainable: the bank (n, v) and per layer r·(d_in + d_out)/v logits over n vectors
+        # trainable: the bank (n, v) and per layer r·(d_in + d_out)/v logits over n vectors;
+        # n solves LoRA@e's parameter count
         per_vector = VBLORA_VECTOR + VBLORA_RANK * sum(i + o for i, o in dims) // VBLORA_VECTOR
-        n = max(VBLORA_RANK, round(budget / per_vector))
+        n = max(VBLORA_RANK, round(adapter.budget * sum(i + o for i, o in dims) / per_vector))
         return get_peft_model(base, VBLoRAConfig(
             r=VBLORA_RANK, num_vectors=n, vector_length=VBLORA_VECTOR, topk=2,
             target_modules=targets, save_only_topk_weights=True)), {"vblora_vectors": n}
@@ -209,6 +224,10 @@ class Track:
     spec: TrackSpec
     targets: list[str] | str
     layers: int
+
+    def dims(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of every layer the adapters wrap."""
+        return [(m.in_features, m.out_features) for m in _modules(self.base, self.targets)]
 
     def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
         """A copy of the base (and its head, initialized from ``seed``) and the head's parameters."""
@@ -476,7 +495,8 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
     result: dict[str, Any] = {"suite": "quality", "quick": quick, "environment": environment(), "tracks": {}}
     with _progress() as progress:
         runner = Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress)
-        plans = [(spec, suite(spec.budgets, runner.track(spec).layers)) for spec in specs]
+        plans = [(spec, suite(spec.budgets, runner.track(spec).layers, runner.track(spec).dims()))
+                 for spec in specs]
         runner.task_id = progress.add_task("quality", total=sum(_plan_size(s, a) for s, a in plans))
         for spec, adapters in plans:
             track_result = {"spec": asdict(spec), "tasks": {}}
@@ -513,7 +533,7 @@ def run_ablation(quick: bool = False, results_dir: Path = Path("results")) -> di
         sweep = 2 * (len(LR_FACTORS) if spec.sweep else 1)
         runner.task_id = progress.add_task("ablation", total=sweep + (len(variants) + 2) * seeds)
         # the quality suite's learning rates: same probes, same sweep, so the same cache entries
-        rates = learning_rates(spec, ABLATION_TASK, suite(spec.budgets, layers), runner,
+        rates = learning_rates(spec, ABLATION_TASK, suite(spec.budgets, layers, runner.track(spec).dims()), runner,
                                families=("lora", "mos"))
         rows = [summarize([runner(spec, _run_spec(spec, ABLATION_TASK, a, rates[a.family]["lr"], s))
                            for s in range(seeds)]) for a in variants + references]

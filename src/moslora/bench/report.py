@@ -127,7 +127,10 @@ def claims(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
 
     out = []
     for e in budgets:
-        others = [find("lora", e, e), find("lora", 8 * e, 8 * e), find("vera", e), find("vblora", e)]
+        # VeRA runs once when capped at the same rank for every budget: its largest budget <= e
+        vera = max((r for r in rows if r["adapter"]["method"] == "vera" and r["adapter"]["budget"] <= e),
+                   key=lambda r: r["adapter"]["budget"], default=None)
+        others = [find("lora", e, e), find("lora", 8 * e, 8 * e), vera, find("vblora", e)]
         for mos in (r for r in rows if r["adapter"]["method"] == "mos" and r["adapter"]["budget"] == e
                     and not r["adapter"]["tag"]):
             versus = [f"{o['label']} {_delta(mos, o)}" for o in others if o is not None]
