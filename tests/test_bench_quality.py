@@ -22,7 +22,9 @@ def test_quick_quality_writes_schema_and_finite_metrics(quick):
     saved = json.loads((out / "quick" / "quality.json").read_text())
     assert saved["tracks"].keys() == {"encoder"} and saved["environment"]["versions"]["torch"]
     assert (out / "quick" / "quality.png").stat().st_size > 0
-    rows = saved["tracks"]["encoder"]["tasks"]["sentiment"]["results"]
+    table = saved["tracks"]["encoder"]["tasks"]["sentiment"]
+    assert table["test_examples"] == quality.SPECS["encoder"].quick().test_examples
+    rows = table["results"]
     assert {r["adapter"]["method"] for r in rows} == {"lora", "vera", "vblora", "mos", "lora-eq"}
     for r in rows:
         for metric in ("accuracy", "loss"):

@@ -390,20 +390,23 @@ class Runner:
     progress: Progress
     task_id: Any = None
     tracks: dict[str, Track] = field(default_factory=dict)
-    tasks: dict[tuple[str, str], Task] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
 
     def __call__(self, spec: TrackSpec, run: RunSpec) -> dict[str, Any]:
         record = self.store.get(run.key)
         if record is None:
-            track = self.track(spec)
-            if (spec.name, run.task) not in self.tasks:
-                self.tasks[spec.name, run.task] = load_task(run.task, seed=0)
             self.progress.update(self.task_id, description=f"{spec.name}/{run.task} {run.adapter.label} "
                                                            f"lr={run.lr:.0e} seed={run.seed}")
-            record = train_and_evaluate(track, self.tasks[spec.name, run.task], run, self.scratch)
+            record = train_and_evaluate(self.track(spec), self.task(run.task), run, self.scratch)
             self.store.add(record)
         self.progress.advance(self.task_id)
         return record
+
+    def task(self, name: str) -> Task:
+        """The task's fixed splits (seed 0), loaded once."""
+        if name not in self.tasks:
+            self.tasks[name] = load_task(name, seed=0)
+        return self.tasks[name]
 
     def track(self, spec: TrackSpec) -> Track:
         """The track's model, loaded once (its depth decides which MoS ranks fit)."""
@@ -506,7 +509,9 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
             for task in spec.tasks:
                 rows = [summarize([runner(spec, _run_spec(spec, task, a, rates[a.family]["lr"], s))
                                    for s in range(spec.seeds)]) for a in adapters]
-                track_result["tasks"][task] = {"learning_rates": rates, "results": rows}
+                tested = len(runner.task(task).test[:spec.test_examples])  # party has fewer
+                track_result["tasks"][task] = {"learning_rates": rates, "test_examples": tested,
+                                               "results": rows}
             result["tracks"][spec.name] = track_result
     write_json(out / "quality.json", result)
     from .report import plot_quality

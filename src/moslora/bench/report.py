@@ -107,7 +107,8 @@ def quality_markdown(result: dict[str, Any]) -> str:
             lrs = ", ".join(f"{k} {v['lr']:.1e}" for k, v in rates.items())
             swept = next(iter(rates.values()), {}).get("task", task)
             lines += [f"**{track} · {task}** — {spec['steps']} steps × batch {spec['batch_size']}, "
-                      f"{len(table['results'][0]['seeds'])} seeds, {spec['test_examples']} test examples; "
+                      f"{len(table['results'][0]['seeds'])} seeds, "
+                      f"{table.get('test_examples', spec['test_examples'])} test examples; "
                       f"learning rates (swept on {swept}): {lrs}", "",
                       "| setting | adapter params | adapter bytes | accuracy | eval loss |",
                       "|---|---:|---:|---:|---:|"]
