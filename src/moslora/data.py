@@ -303,19 +303,21 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int,
 def _forward_batches(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
                      end_turn: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits, labels) per batch of tokenized ``examples``, in eval mode without gradients;
-    the model's mode is restored afterwards."""
+    the model's mode is restored afterwards. Gradients are off around the forward only, not
+    across the ``yield`` (grad mode is thread state and would leak into the caller)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                features = [tokenize_example(tokenizer, e, max_length, end_turn)
-                            for e in examples[start:start + batch_size]]
-                batch = collate(features, pad_id, tokenizer.padding_side)
-                labels = batch.pop("labels").to(device)
-                yield model(**{k: v.to(device) for k, v in batch.items()}).logits, labels
+        for start in range(0, len(examples), batch_size):
+            features = [tokenize_example(tokenizer, e, max_length, end_turn)
+                        for e in examples[start:start + batch_size]]
+            batch = collate(features, pad_id, tokenizer.padding_side)
+            labels = batch.pop("labels").to(device)
+            with torch.no_grad():
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            yield logits, labels
     finally:
         model.train(was_training)
 

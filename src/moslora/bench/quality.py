@@ -37,6 +37,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .. import MoSConfig, get_mos_model
 from ..data import Example, Task, classification_accuracy, collate, completion_loss, load_task, tokenize_example
+from ..layer import linear_shape
 from ..model import find_targets
 from .runs import RunStore, environment, write_json
 
@@ -96,12 +97,16 @@ def mos_rank(budget: int, layers: int, private: int, want: int) -> int:
     return min(want, private + (budget - private) * layers)
 
 
+def lora_count(dims: list[tuple[int, int]], rank: int) -> int:
+    """Trainable parameters of LoRA at ``rank`` over layers of ``dims`` (d_in, d_out)."""
+    return rank * sum(i + o for i, o in dims)
+
+
 def vera_rank(dims: list[tuple[int, int]], budget: int) -> tuple[int, int]:
     """VeRA's rank at LoRA@budget's parameter count over layers of ``dims`` (d_in, d_out):
     (the rank used, capped at VERA_MAX_RANK; the rank the count alone would ask for).
     VeRA trains lambda_d (r) and lambda_b (d_out) per layer."""
-    lora = budget * sum(i + o for i, o in dims)
-    matched = max(1, round((lora - sum(o for _, o in dims)) / len(dims)))
+    matched = max(1, round((lora_count(dims, budget) - sum(o for _, o in dims)) / len(dims)))
     return min(matched, VERA_MAX_RANK), matched
 
 
@@ -139,7 +144,7 @@ def ablations(budget: int, rank: int) -> list[Adapter]:
 
 def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: int) -> tuple[nn.Module, dict]:
     """Wrap ``base`` (frozen) with ``adapter``; returns the model and the sizes it solved."""
-    dims = [(m.in_features, m.out_features) for m in _modules(base, targets)]
+    dims = _dims(base, targets)
     if adapter.method in ("mos", "lora-eq"):
         common = dict(target_modules=targets, alpha=2.0 * adapter.rank, seed=seed)
         cfg = (MoSConfig.lora_equivalent(adapter.rank, **common) if adapter.method == "lora-eq" else
@@ -161,16 +166,17 @@ def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: in
         # trainable: the bank (n, v) and per layer r·(d_in + d_out)/v logits over n vectors;
         # n solves LoRA@e's parameter count
         per_vector = VBLORA_VECTOR + VBLORA_RANK * sum(i + o for i, o in dims) // VBLORA_VECTOR
-        n = max(VBLORA_RANK, round(adapter.budget * sum(i + o for i, o in dims) / per_vector))
+        n = max(VBLORA_RANK, round(lora_count(dims, adapter.budget) / per_vector))
         return get_peft_model(base, VBLoRAConfig(
             r=VBLORA_RANK, num_vectors=n, vector_length=VBLORA_VECTOR, topk=2,
             target_modules=targets, save_only_topk_weights=True)), {"vblora_vectors": n}
     raise ValueError(f"unknown adapter method {adapter.method!r}")
 
 
-def _modules(model: nn.Module, targets: list[str] | str) -> list[nn.Linear]:
+def _dims(model: nn.Module, targets: list[str] | str) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every layer of ``model`` that ``targets`` selects."""
     named = dict(model.named_modules())
-    return [named[n] for n in find_targets(model, targets)]
+    return [linear_shape(named[n]) for n in find_targets(model, targets)]
 
 
 def adapter_bytes(model: nn.Module, scratch: Path) -> int:
@@ -227,7 +233,7 @@ class Track:
 
     def dims(self) -> list[tuple[int, int]]:
         """(d_in, d_out) of every layer the adapters wrap."""
-        return [(m.in_features, m.out_features) for m in _modules(self.base, self.targets)]
+        return _dims(self.base, self.targets)
 
     def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
         """A copy of the base (and its head, initialized from ``seed``) and the head's parameters."""
@@ -498,8 +504,10 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
     result: dict[str, Any] = {"suite": "quality", "quick": quick, "environment": environment(), "tracks": {}}
     with _progress() as progress:
         runner = Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress)
-        plans = [(spec, suite(spec.budgets, runner.track(spec).layers, runner.track(spec).dims()))
-                 for spec in specs]
+        plans = []
+        for spec in specs:
+            track = runner.track(spec)
+            plans.append((spec, suite(spec.budgets, track.layers, track.dims())))
         runner.task_id = progress.add_task("quality", total=sum(_plan_size(s, a) for s, a in plans))
         for spec, adapters in plans:
             track_result = {"spec": asdict(spec), "tasks": {}}
@@ -530,7 +538,8 @@ def run_ablation(quick: bool = False, results_dir: Path = Path("results")) -> di
     seeds = 1 if quick else 3
     with _progress() as progress:
         runner = Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress)
-        layers = runner.track(spec).layers
+        track = runner.track(spec)
+        layers = track.layers
         rank = mos_rank(ABLATION_BUDGET, layers, 1, 4 * ABLATION_BUDGET)
         variants = ablations(ABLATION_BUDGET, rank)
         references = [Adapter("lora", ABLATION_BUDGET, rank=ABLATION_BUDGET),
@@ -538,8 +547,8 @@ def run_ablation(quick: bool = False, results_dir: Path = Path("results")) -> di
         sweep = 2 * (len(LR_FACTORS) if spec.sweep else 1)
         runner.task_id = progress.add_task("ablation", total=sweep + (len(variants) + 2) * seeds)
         # the quality suite's learning rates: same probes, same sweep, so the same cache entries
-        rates = learning_rates(spec, ABLATION_TASK, suite(spec.budgets, layers, runner.track(spec).dims()), runner,
-                               families=("lora", "mos"))
+        rates = learning_rates(spec, ABLATION_TASK, suite(spec.budgets, layers, track.dims()),
+                               runner, families=("lora", "mos"))
         rows = [summarize([runner(spec, _run_spec(spec, ABLATION_TASK, a, rates[a.family]["lr"], s))
                            for s in range(seeds)]) for a in variants + references]
     result = {"suite": "ablation", "quick": quick, "environment": environment(),
