@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moslora.bench import quality, report
 from moslora.bench.runs import RunStore
@@ -62,6 +63,23 @@ def test_finished_runs_are_reused(quick):
     again = quality.run_quality(quick=True, results_dir=out, tracks=["encoder"])
     assert store.read_text() == before  # nothing trained again
     assert again["tracks"]["encoder"]["tasks"] == result["tracks"]["encoder"]["tasks"]
+
+
+def test_a_run_does_not_depend_on_the_process_it_ran_in(quick, tmp_path):
+    out, result, _ = quick
+    record = next(iter(RunStore(out / "quick" / "runs.jsonl").records.values()))
+    spec = quality.SPECS[record["run"]["track"]].quick()
+    run = quality.RunSpec(**{**record["run"], "adapter": quality.Adapter(**record["run"]["adapter"])})
+    assert run.key == record["key"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker of two on two cores
+    try:
+        again = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task(run.task),
+                                           run, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    for metric in ("val_accuracy", "test_accuracy", "test_loss", "last_loss", "adapter_params"):
+        assert again[metric] == record[metric], metric
 
 
 def test_run_store_ignores_a_torn_last_line(tmp_path):

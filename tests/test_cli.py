@@ -182,6 +182,8 @@ BAD_OPTIONS = [
     (["serve", "--adapters", "{tmp}", "--max-tokens", "0"], "--max-tokens"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "0"], "--request-timeout"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "nan"], "--request-timeout"),
+    (["bench", "quality", "--workers", "0"], "--workers"),
+    (["bench", "ablate", "--workers", "0"], "--workers"),
     # demo, selfcheck
     (["demo", "--steps", "0"], "--steps"),
     (["demo", "--test-examples", "0"], "--test-examples"),

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from moslora.assets import default_model_path
-from moslora.data import (IGNORE_INDEX, TASKS, Example, classification_accuracy, collate,
+from moslora.data import (IGNORE_INDEX, TASKS, Example, answer_window, classification_accuracy, collate,
                           completion_logprobs, completion_loss, evaluate, load_task, perplexity,
                           predict_labels, tokenize_example)
 
@@ -55,13 +55,13 @@ class Oracle(nn.Module):
         self.uniform = uniform
         self.dummy = nn.Parameter(torch.zeros(1))  # gives the module a device
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         if not self.uniform:
             cued = ((input_ids == self.cue_id) & attention_mask.bool()).any(1)
             answer = torch.where(cued, self.yes_id, self.no_id)
             logits[torch.arange(len(input_ids)), :, answer] = 20.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])  # as HF: 0 keeps all
 
 
 def key(example: Example) -> str:
@@ -185,6 +185,21 @@ def test_collate_pads_either_side():
     assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
     assert left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_answer_window_keeps_the_loss_and_cuts_the_prompt(tiny, tokenizer, side):
+    examples = [Example("Say something." * (i + 1), "Something." * (i % 2 + 1)) for i in range(4)]
+    batch = collate([tokenize_example(tokenizer, e) for e in examples], tokenizer.pad_token_id, side)
+    cut = answer_window(batch)
+    with torch.no_grad():
+        full, windowed = tiny(**batch), tiny(**cut)
+    assert windowed.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    if side == "left":  # every answer ends the row: the window is the longest answer + 1
+        longest = max(int((f != IGNORE_INDEX).sum()) for f in batch["labels"])
+        assert windowed.logits.shape[1] == cut["logits_to_keep"] == longest + 1 < batch["labels"].shape[1]
+    text = collate([tokenize_example(tokenizer, Example("", "To be, or not to be"))], 0)
+    assert answer_window(text) is text  # language modelling: every position counts
 
 
 # --------------------------------------------------------------------------------- metrics

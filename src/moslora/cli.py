@@ -321,6 +321,8 @@ app.add_typer(bench_app, name="bench")
 
 _QUICK = typer.Option(False, "--quick", help="a minutes-long smoke run (few steps, one seed)")
 _RESULTS = typer.Option(Path("results"), help="where the JSON and PNG files go (finished runs are reused)")
+_WORKERS = typer.Option(None, min=1, help="runs trained side by side, each on cores/workers threads "
+                                          "[default: 2 on 2+ cores]")
 
 
 @bench_app.command("quality")
@@ -328,20 +330,21 @@ def bench_quality(
     quick: bool = _QUICK,
     results: Path = _RESULTS,
     tracks: str = typer.Option("encoder,llm", help="comma-separated: encoder, llm"),
+    workers: Optional[int] = _WORKERS,
 ) -> None:
     """MoS vs PEFT LoRA (ranks e..8e), VeRA and VB-LoRA at matched budgets, several seeds."""
     from .bench import quality
 
     quality.run_quality(quick=quick, results_dir=results,
-                        tracks=_names(tracks, quality.TRACKS, "--tracks"))
+                        tracks=_names(tracks, quality.TRACKS, "--tracks"), workers=workers)
 
 
 @bench_app.command("ablate")
-def bench_ablate(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
+def bench_ablate(quick: bool = _QUICK, results: Path = _RESULTS, workers: Optional[int] = _WORKERS) -> None:
     """MoS with each differentiation strategy removed, and pure sharing, at one budget."""
     from .bench import quality
 
-    quality.run_ablation(quick=quick, results_dir=results)
+    quality.run_ablation(quick=quick, results_dir=results, workers=workers)
 
 
 @bench_app.command("speed")

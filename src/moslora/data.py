@@ -300,11 +300,33 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int,
 
 # --------------------------------------------------------------------------------- metrics
 
+def answer_window(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with its ``labels`` cut to the positions the loss reads, and ``logits_to_keep``
+    set to their number, so the LM head projects only those positions onto the vocabulary.
+
+    The loss compares logits at position t with the label at t + 1, so it reads from the
+    position before the earliest answer token to the end. The result is exactly the full
+    batch's loss; with left padding every answer ends the row, so the window is the longest
+    answer + 1 (on SmolLM2 with ~80-token prompts the vocabulary projection of every
+    position is ~15 % of a training step). A batch with nothing to cut is returned as is.
+    """
+    labels = batch["labels"]
+    scored = labels != IGNORE_INDEX
+    rows = scored.any(1)
+    if not rows.any():
+        return batch
+    start = max(0, int(scored.float().argmax(1)[rows].min()) - 1)
+    if start == 0:
+        return batch
+    return {**batch, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}
+
+
 def _forward_batches(model, tokenizer, examples: list[Example], max_length: int, batch_size: int,
                      end_turn: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, labels) per batch of tokenized ``examples``, in eval mode without gradients;
-    the model's mode is restored afterwards. Gradients are off around the forward only, not
-    across the ``yield`` (grad mode is thread state and would leak into the caller)."""
+    """(logits, labels) per batch of tokenized ``examples``, in eval mode without gradients,
+    both cut to ``answer_window`` (left padding, so that window is short); the model's mode
+    is restored afterwards. Gradients are off around the forward only, not across the
+    ``yield`` (grad mode is thread state and would leak into the caller)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -313,10 +335,11 @@ def _forward_batches(model, tokenizer, examples: list[Example], max_length: int,
         for start in range(0, len(examples), batch_size):
             features = [tokenize_example(tokenizer, e, max_length, end_turn)
                         for e in examples[start:start + batch_size]]
-            batch = collate(features, pad_id, tokenizer.padding_side)
+            batch = answer_window(collate(features, pad_id, "left"))
             labels = batch.pop("labels").to(device)
             with torch.no_grad():
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                logits = model(**{k: v.to(device) if torch.is_tensor(v) else v
+                                  for k, v in batch.items()}).logits
             yield logits, labels
     finally:
         model.train(was_training)
@@ -327,8 +350,8 @@ def completion_logprobs(model, tokenizer, examples: list[Example], max_length: i
     """Per example: (sum of the log-probabilities of its completion tokens, their count).
 
     ``end_turn`` as in ``format_example``. Runs in eval mode (no dropout) and restores the
-    model's mode afterwards. Batches are padded on ``tokenizer.padding_side``; the result
-    depends neither on that nor on ``batch_size``.
+    model's mode afterwards. The result does not depend on ``batch_size`` (padding gets its
+    own position ids and no attention).
     """
     results = []
     for logits, labels in _forward_batches(model, tokenizer, examples, max_length, batch_size, end_turn):

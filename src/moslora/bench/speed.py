@@ -43,7 +43,7 @@ import json
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -384,21 +384,26 @@ def measure(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
     start, load_before = time.perf_counter(), os.getloadavg()
     rows = [{"model": spec.name, "batch": batch, "seq": seq, "tokens": batch * seq}
             for spec in plan.models for batch, seq in plan.shapes]
-    if progress is not None:
-        progress.update(task, description="speed: peak memory")
-    # first, while this process is small: after timing, its allocator keeps gigabytes it freed
-    measure_memory(plan, rows, tick)
     models, sweep_result = {}, None
     cuda = torch.cuda.is_available()
-    with nullcontext() if cuda else _one_thread():
-        env = environment()  # inside the block: it records the one thread
-        for spec in plan.models:
-            if progress is not None:
-                progress.update(task, description=f"speed: {spec.name}")
-            measured = measure_model(spec, plan, [r for r in rows if r["model"] == spec.name], tick)
-            models[spec.name] = measured["model"]
-            sweep_result = measured["sweep"] or sweep_result
-            gc.collect()  # the previous model's copies go before the next one loads
+    # the memory probes run in their own processes on the other core while this one times
+    # steps on one thread (its CPU time is its own work, see the module docstring); on a GPU
+    # they would share the device, so there they run first
+    with ThreadPoolExecutor(1) as background:
+        memory = None if cuda else background.submit(measure_memory, plan, rows, tick)
+        if cuda:
+            measure_memory(plan, rows, tick)
+        with nullcontext() if cuda else _one_thread():
+            env = environment()  # inside the block: it records the one thread
+            for spec in plan.models:
+                if progress is not None:
+                    progress.update(task, description=f"speed: {spec.name}")
+                measured = measure_model(spec, plan, [r for r in rows if r["model"] == spec.name], tick)
+                models[spec.name] = measured["model"]
+                sweep_result = measured["sweep"] or sweep_result
+                gc.collect()  # the previous model's copies go before the next one loads
+        if memory is not None:
+            memory.result()
     return {"benchmark": "speed", "plan": json.loads(json.dumps(asdict(plan))), "seed": SEED,
             "environment": env, "clock": "wall" if cuda else "process_cpu_time",
             "memory_measure": "cuda_max_allocated" if cuda else "rss_high_water_mark",
