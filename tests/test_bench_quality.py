@@ -1,7 +1,12 @@
 """The quality benchmark's quick mode end to end (encoder track), its cache and its report."""
 
+import dataclasses
 import json
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +85,50 @@ def test_a_run_does_not_depend_on_the_process_it_ran_in(quick, tmp_path):
         torch.set_num_threads(threads)
     for metric in ("val_accuracy", "test_accuracy", "test_loss", "last_loss", "adapter_params"):
         assert again[metric] == record[metric], metric
+
+
+def test_zero_shot_reference_trains_nothing(quick, tmp_path):
+    spec = quality.SPECS["encoder"].quick()
+    track = quality.loaded_track(spec)
+    before = {k: v.clone() for k, v in track.base.state_dict().items()}
+    run = quality._run_spec(spec, "sentiment", quality.Adapter("none", 0), 0.0, 0)
+    record = quality.train_and_evaluate(track, quality.loaded_task("sentiment"),
+                                        dataclasses.replace(run, steps=0), tmp_path)
+    assert record["adapter_params"] == record["adapter_bytes"] == 0 and record["label"].startswith("no adapter")
+    assert 0 <= record["test_accuracy"] <= 1 and math.isfinite(record["test_loss"])
+    assert all(torch.equal(before[k], v) for k, v in track.base.state_dict().items())
+
+
+WORKERS_THEN_WAIT = """
+import os, time
+from moslora.bench import quality
+if __name__ == "__main__":  # spawned workers import this file too
+    pool = quality.Runner(None, None, None, workers=2)._pool()
+    print(*{pool.submit(os.getpid).result() for _ in range(4)}, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_workers_die_with_the_suite(tmp_path):
+    script = tmp_path / "suite.py"
+    script.write_text(WORKERS_THEN_WAIT)
+    suite = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = {int(pid) for pid in suite.stdout.readline().split()}
+    assert workers and suite.pid not in workers
+    suite.kill()  # SIGKILL: no chance to shut its pool down
+    suite.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_run_store_ignores_a_torn_last_line(tmp_path):

@@ -12,20 +12,25 @@ VB-LoRA sized to LoRA@e's parameter count, MoS at budget e with per-layer rank 4
 MoS setting; VeRA runs once when its capped rank is the same at every budget. Every run uses
 the same data order, steps, schedule and seeds; the learning rate of each method family comes
 from the same four-point sweep around a family default, on seed 0 of the smallest budget and
-the track's first task (see ``pick_rate`` for the choice). Finished runs are appended to
-``runs.jsonl`` in the results folder and skipped when the suite runs again.
+the track's first task (see ``pick_rate`` for the choice); the LLM track also scores the
+base model zero-shot. Runs train two at a time in worker processes (``default_workers``).
+Finished runs are appended to ``runs.jsonl`` in the results folder and skipped when the
+suite runs again.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
-import os
+import signal
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -72,7 +77,7 @@ class Adapter:
     """One adapter setting. ``rank`` is the per-layer rank (VeRA's and VB-LoRA's sizes are
     solved from ``budget`` on the model at hand); ``budget`` is the LoRA rank e it is matched to."""
 
-    method: str  # lora | vera | vblora | mos | lora-eq
+    method: str  # lora | vera | vblora | mos | lora-eq | none
     budget: int
     rank: int = 0
     private: int = 1
@@ -92,6 +97,8 @@ class Adapter:
             return f"LoRA r={self.rank}"
         if self.method == "mos":
             return f"MoS e={self.budget} r={self.rank}" + (f" ({self.tag})" if self.tag else "")
+        if self.method == "none":
+            return "no adapter (zero-shot)"
         names = {"vera": "VeRA", "vblora": "VB-LoRA", "lora-eq": "MoS as LoRA"}
         return f"{names[self.method]} (e={self.budget})"
 
@@ -148,6 +155,8 @@ def ablations(budget: int, rank: int) -> list[Adapter]:
 
 def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: int) -> tuple[nn.Module, dict]:
     """Wrap ``base`` (frozen) with ``adapter``; returns the model and the sizes it solved."""
+    if adapter.method == "none":  # the base as it is: the zero-shot reference
+        return base.requires_grad_(False), {}
     dims = _dims(base, targets)
     if adapter.method in ("mos", "lora-eq"):
         common = dict(target_modules=targets, alpha=2.0 * adapter.rank, seed=seed)
@@ -211,15 +220,14 @@ class TrackSpec:
     sweep: bool = True
 
     def quick(self) -> "TrackSpec":
-        """Minutes instead of an hour: one task, the smaller budget, one seed, no sweep."""
+        """Minutes instead of hours: one task, the smaller budget, one seed, no sweep, a few
+        steps and examples (a smoke run of every setting, not a measurement)."""
         return replace(self, tasks=self.tasks[:1], budgets=self.budgets[:1], seeds=1,
-                       steps=max(10, self.steps // 10), eval_examples=32, test_examples=64,
+                       steps=max(4, self.steps // 10), eval_examples=16, test_examples=32,
                        sweep=False)
 
 
 SPECS = {
-    # sized for the 2.5-hour, 2-core budget: a MiniLM step (16 x <=64 tokens) takes ~0.25 s,
-    # a SmolLM2 step (8 x ~80 tokens) ~2.5 s, so the LLM track runs one budget, the encoder two
     "encoder": TrackSpec("encoder", ("sentiment", "party"), budgets=(4, 8), seeds=5, steps=80,
                          batch_size=16, max_length=64, eval_examples=200, test_examples=500,
                          head_lr=2e-3),
@@ -359,8 +367,9 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
     head_ids = {id(p) for p in head}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{"params": params, "lr": run.lr}] + ([{"params": head, "lr": run.head_lr}] if head else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, run.steps // 10), run.steps)
+    if run.steps:  # zero steps: the zero-shot reference, nothing to train
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        schedule = get_linear_schedule_with_warmup(optimizer, max(1, run.steps // 10), run.steps)
     batches = track.batches(task.train, run.seed)
     start, losses = time.perf_counter(), []
     model.train()
@@ -379,7 +388,7 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
     nan = {"accuracy": math.nan, "loss": math.nan}
     val = nan if diverged else track.evaluate(model, task.validation[:run.eval_examples], task.label_words)
     test = nan if diverged else track.evaluate(model, task.test[:run.test_examples], task.label_words)
-    size = adapter_bytes(model, scratch / run.key)
+    size = adapter_bytes(model, scratch / run.key) if params else 0
     return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
             "adapter_params": sum(p.numel() for p in params),
             "head_params": sum(p.numel() for p in head), "adapter_bytes": size,
@@ -412,6 +421,10 @@ def loaded_task(name: str) -> Task:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        # die with the suite's process (PR_SET_PDEATHSIG) rather than finish a run that
+        # nobody will record, on cores the resumed suite needs
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
 
 
 def _run(spec: TrackSpec, run: RunSpec, scratch: Path) -> dict[str, Any]:
@@ -419,19 +432,20 @@ def _run(spec: TrackSpec, run: RunSpec, scratch: Path) -> dict[str, Any]:
 
 
 def default_workers() -> int:
-    """Two single-threaded runs side by side on a machine of two or more cores.
+    """Two runs side by side on one thread each, on a machine of two or more cores.
 
-    These models are small for a CPU: on 2 cores, two 1-thread runs finished 1.17x sooner
-    than the same two runs one after another on 2 threads each (MiniLM, measured here)."""
+    These models are small for a CPU's threads: on 2 cores, two runs side by side finished
+    1.17x (MiniLM) and 1.12x (SmolLM2) sooner than one after another on two threads each."""
     return min(2, len(os.sched_getaffinity(0)))
 
 
 @dataclass
 class Runner:
-    """Runs RunSpecs through the cache, ``workers`` at a time, with one progress bar.
+    """Runs RunSpecs through the cache with one progress bar, ``workers`` at a time.
 
-    With ``workers > 1`` each run trains in a worker process on ``cores // workers`` threads;
-    a run's result depends only on its RunSpec (it seeds itself), not on where it ran.
+    With ``workers > 1`` each run trains in a worker process (started on first use) on
+    ``cores // workers`` threads; a run's result depends only on its RunSpec (it seeds
+    itself), not on where it ran.
     """
 
     store: RunStore
@@ -439,32 +453,39 @@ class Runner:
     progress: Progress
     workers: int = 1
     task_id: Any = None
-    _pool: ProcessPoolExecutor | None = None
+    used: dict[str, dict[str, Any]] = field(default_factory=dict)  # every record asked for, by key
+    _workers: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "Runner":
-        if self.workers > 1:
-            threads = max(1, len(os.sched_getaffinity(0)) // self.workers)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_init_worker, initargs=(threads,))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+        if self._workers is not None:
+            self._workers.shutdown(cancel_futures=True)
+
+    def _pool(self) -> ProcessPoolExecutor | None:
+        if self.workers > 1 and self._workers is None:
+            threads = max(1, len(os.sched_getaffinity(0)) // self.workers)
+            self._workers = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                                initializer=_init_worker, initargs=(threads,))
+        return self._workers
 
     def run_all(self, spec: TrackSpec, runs: list[RunSpec]) -> list[dict[str, Any]]:
         """The record of every run, in order: cached ones as stored, the others trained."""
         todo = list({r.key: r for r in runs if self.store.get(r.key) is None}.values())
         self.progress.advance(self.task_id, len(runs) - len(todo))
-        if self._pool is None:
+        pool = self._pool()
+        if pool is None:
             for run in todo:
                 self._describe(spec, run)
                 self._finish(_run(spec, run, self.scratch))
         else:
-            futures = [self._pool.submit(_run, spec, run, self.scratch) for run in todo]
+            futures = [pool.submit(_run, spec, run, self.scratch) for run in todo]
             for future in as_completed(futures):
                 self._finish(future.result())
-        return [self.store.get(r.key) for r in runs]
+        records = [self.store.get(r.key) for r in runs]
+        self.used.update((r["key"], r) for r in records)
+        return records
 
     def _describe(self, spec: TrackSpec, run: RunSpec) -> None:
         self.progress.update(self.task_id, description=f"{spec.name}/{run.task} {run.adapter.label} "
@@ -539,7 +560,8 @@ def task_plans(spec: TrackSpec, track: Track) -> dict[str, list[Adapter]]:
 def _plan_size(spec: TrackSpec, plans: dict[str, list[Adapter]]) -> int:
     families = {a.family for a in plans[spec.tasks[0]]}
     sweep = len(families) * (len(LR_FACTORS) if spec.sweep else 1)
-    return sweep + sum(len(adapters) for adapters in plans.values()) * spec.seeds
+    zero_shot = 0 if spec.head_lr else len(plans)
+    return sweep + sum(len(adapters) for adapters in plans.values()) * spec.seeds + zero_shot
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -594,9 +616,17 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
             rates = learning_rates(spec, spec.tasks[0], tasks[spec.tasks[0]], runner)
             for task, adapters in tasks.items():
                 rows = seed_rows(spec, task, adapters, rates, spec.seeds, runner)
+                if not spec.head_lr:  # a new head starts at chance: no zero-shot reference then
+                    zero_shot = replace(_run_spec(spec, task, Adapter("none", 0), 0.0, 0), steps=0)
+                    rows.append(summarize(runner.run_all(spec, [zero_shot])))
                 tested = len(loaded_task(task).test[:spec.test_examples])  # party has fewer
                 track_result["tasks"][task] = {"learning_rates": rates, "test_examples": tested,
                                                "results": rows}
+            # what the track costs from scratch: its distinct runs and their recorded wall times
+            seconds = [r.get("seconds", r["train_seconds"]) for r in runner.used.values()
+                       if r["run"]["track"] == spec.name]
+            track_result.update(runs=len(seconds), run_seconds=sum(seconds),
+                                median_run_seconds=statistics.median(seconds))
             result["tracks"][spec.name] = track_result
     write_json(out / "quality.json", result)
     from .report import plot_quality

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COLORS = {"lora": "tab:blue", "vera": "tab:green", "vblora": "tab:purple", "mos": "tab:red",
-          "lora-eq": "tab:orange"}
+          "lora-eq": "tab:orange", "none": "tab:gray"}
 NAMES = {"lora": "PEFT LoRA", "vera": "PEFT VeRA", "vblora": "PEFT VB-LoRA", "mos": "MoS",
-         "lora-eq": "MoS as LoRA (check)"}
+         "lora-eq": "MoS as LoRA (check)", "none": "no adapter (zero-shot)"}
 
 
 def plot_quality(result: dict[str, Any], path: Path) -> None:
@@ -36,6 +36,10 @@ def plot_quality(result: dict[str, Any], path: Path) -> None:
                           key=lambda r: r["adapter_params"])
             if not mine:
                 continue
+            if method == "none":
+                ax.axhline(mine[0]["accuracy"]["mean"], color=COLORS[method], linestyle=":",
+                           label=NAMES[method])
+                continue
             ax.errorbar([r["adapter_params"] for r in mine], [r["accuracy"]["mean"] for r in mine],
                         yerr=[r["accuracy"]["std"] for r in mine], color=COLORS[method],
                         marker="o", capsize=3, label=NAMES[method],
@@ -50,7 +54,8 @@ def plot_quality(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"{track} · {task}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 
@@ -92,9 +97,11 @@ def _save(fig: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- markdown
 
-def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
+def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3, runs: int = 2) -> str:
     if math.isnan(stat["mean"]):
         return "diverged"
+    if runs == 1:  # no spread to show
+        return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
@@ -102,6 +109,11 @@ def quality_markdown(result: dict[str, Any]) -> str:
     lines = []
     for track, data in result["tracks"].items():
         spec = data["spec"]
+        if "runs" in data:
+            lines += [f"_{track} track: {data['runs']} distinct runs; recorded wall time per run: "
+                      f"median {data['median_run_seconds']:.0f} s, total {data['run_seconds'] / 60:.0f} min "
+                      "(the runs ran on different days, some while the machine was shared or two side "
+                      "by side)._", ""]
         for task, table in data["tasks"].items():
             rates = table["learning_rates"]
             lrs = ", ".join(f"{k} {v['lr']:.1e}" for k, v in rates.items())
@@ -113,7 +125,8 @@ def quality_markdown(result: dict[str, Any]) -> str:
                       "| setting | adapter params | adapter bytes | accuracy | eval loss |",
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {r['label']} | {r['adapter_params']:,} | {r['adapter_bytes']:,} | "
-                      f"{_pm(r['accuracy'])} | {_pm(r['loss'])} |" for r in table["results"]]
+                      f"{_pm(r['accuracy'], runs=len(r['seeds']))} | {_pm(r['loss'], runs=len(r['seeds']))} |"
+                      for r in table["results"]]
             lines += [""] + [f"- {claim}" for claim in claims(table["results"], spec["budgets"])] + [""]
     return "\n".join(lines)
 
