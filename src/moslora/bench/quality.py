@@ -48,7 +48,7 @@ from ..data import (Example, Task, answer_window, classification_accuracy, colla
                     load_task, tokenize_example)
 from ..layer import linear_shape
 from ..model import find_targets
-from .runs import RunStore, environment, write_json
+from .runs import RunStore, environment, read_json, write_json
 
 TRACKS = ("encoder", "llm")
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -601,7 +601,7 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
     Tracks not run this time keep their section of an existing ``quality.json``."""
     out = _suite_dir(Path(results_dir), quick)
     specs = _specs(list(tracks), quick)
-    previous = _read_json(out / "quality.json")
+    previous = read_json(out / "quality.json") or {}
     result: dict[str, Any] = {"suite": "quality", "quick": quick, "environment": environment(),
                               "tracks": {k: v for k, v in previous.get("tracks", {}).items()
                                          if k not in tracks}}
@@ -638,10 +638,6 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
 def _runner(out: Path, progress: Progress, workers: int | None) -> Runner:
     return Runner(RunStore(out / "runs.jsonl"), out / ".scratch", progress,
                   default_workers() if workers is None else workers)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 ABLATION_TRACK, ABLATION_TASK, ABLATION_BUDGET = "encoder", "sentiment", 4

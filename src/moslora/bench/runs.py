@@ -61,6 +61,11 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.is_available(), "versions": versions}
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A result file's content, or None if there is none yet."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=2, default=float) + "\n")

@@ -390,9 +390,9 @@ def measure(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
     # steps on one thread (its CPU time is its own work, see the module docstring); on a GPU
     # they would share the device, so there they run first
     with ThreadPoolExecutor(1) as background:
-        memory = None if cuda else background.submit(measure_memory, plan, rows, tick)
+        memory = background.submit(measure_memory, plan, rows, tick)
         if cuda:
-            measure_memory(plan, rows, tick)
+            memory.result()
         with nullcontext() if cuda else _one_thread():
             env = environment()  # inside the block: it records the one thread
             for spec in plan.models:
@@ -402,8 +402,7 @@ def measure(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
                 models[spec.name] = measured["model"]
                 sweep_result = measured["sweep"] or sweep_result
                 gc.collect()  # the previous model's copies go before the next one loads
-        if memory is not None:
-            memory.result()
+        memory.result()
     return {"benchmark": "speed", "plan": json.loads(json.dumps(asdict(plan))), "seed": SEED,
             "environment": env, "clock": "wall" if cuda else "process_cpu_time",
             "memory_measure": "cuda_max_allocated" if cuda else "rss_high_water_mark",
