@@ -1,6 +1,7 @@
 """The quality benchmark's quick mode end to end (encoder track), its cache and its report."""
 
 import dataclasses
+import hashlib
 import json
 import math
 import subprocess
@@ -148,6 +149,24 @@ def test_report_replaces_only_its_section(quick, tmp_path):
     assert first.startswith("# title\n\nintro\n") and "| LoRA r=4 |" in first
     report.write_report(out / "quick", readme)
     assert readme.read_text() == first  # idempotent: the section is replaced, not appended
+
+
+def test_a_field_at_its_default_keeps_the_cached_keys():
+    spec = quality.SPECS["encoder"]
+    run = quality._run_spec(spec, "sentiment", quality.Adapter("lora", 4, rank=4), 1e-3, 0)
+    before = {k: v for k, v in dataclasses.asdict(run).items() if k != "system"}  # the old fields
+    assert run.key == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert dataclasses.replace(run, system="").key != run.key
+    llm = quality._run_spec(quality.SPECS["llm"], "sentiment", quality.Adapter("lora", 2, rank=2), 1e-3, 0)
+    assert llm.system == "" and llm.key != dataclasses.replace(llm, system=None).key
+
+
+def test_only_the_sweeps_seed_is_validated(quick, tmp_path):
+    spec = quality.SPECS["encoder"].quick()
+    run = quality._run_spec(spec, "sentiment", quality.Adapter("lora", 4, rank=4), 1e-3, 1)
+    record = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task("sentiment"),
+                                        dataclasses.replace(run, steps=1), tmp_path)
+    assert math.isnan(record["val_accuracy"]) and math.isfinite(record["test_accuracy"])
 
 
 def test_pick_rate_takes_the_smallest_rate_within_one_standard_error():

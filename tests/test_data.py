@@ -16,9 +16,10 @@ from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from moslora.assets import default_model_path
-from moslora.data import (IGNORE_INDEX, TASKS, Example, answer_window, classification_accuracy, collate,
-                          completion_logprobs, completion_loss, evaluate, load_task, perplexity,
-                          predict_labels, tokenize_example)
+from moslora.data import (IGNORE_INDEX, TASKS, Example, answer_window, classification_accuracy,
+                          classification_metrics, collate, completion_logprobs, completion_loss,
+                          evaluate, format_example, load_task, perplexity, predict_labels,
+                          tokenize_example)
 
 SIZES = {"sentiment": 10_000, "party": 400, "hamlet": 250, "chat": 1_200}  # least examples
 
@@ -166,6 +167,20 @@ def test_prompt_tokens_are_masked(tokenizer):
     assert short["labels"][-len(answer):] == labels[-len(answer):]  # the answer survives
 
 
+def test_system_message_replaces_the_templates_default(tokenizer):
+    example = Example("2 + 2?", "4")
+    default, _ = format_example(tokenizer, example)
+    empty, _ = format_example(tokenizer, replace(example, system=""))
+    custom, answer = format_example(tokenizer, replace(example, system="Be brief."))
+    assert "You are a helpful AI assistant named SmolLM" in default  # SmolLM2's own
+    assert empty.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2 + 2?")
+    assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and answer == "4<|im_end|>\n"
+    assert len(tokenizer(empty)["input_ids"]) < len(tokenizer(default)["input_ids"]) - 10
+    plain = AutoTokenizer.from_pretrained(default_model_path())
+    plain.chat_template = None
+    assert format_example(plain, replace(example, system="Be brief."))[0].startswith("Be brief.\n\n### Input:")
+
+
 def test_plain_format_without_chat_template(tokenizer):
     plain = AutoTokenizer.from_pretrained(default_model_path())
     plain.chat_template = None
@@ -213,6 +228,13 @@ def reviews(tokenizer) -> tuple[list[Example], int, list[str]]:
     return examples, cue[0], ["negative", "positive"]
 
 
+def random_llama(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)  # large weights: the favoured word changes with the context
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=len(tokenizer), initializer_range=0.5)).eval()
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_accuracy_on_an_oracle_is_exact(tokenizer, padding_side, monkeypatch):
     monkeypatch.setattr(tokenizer, "padding_side", padding_side)
@@ -230,10 +252,7 @@ def test_accuracy_on_an_oracle_is_exact(tokenizer, padding_side, monkeypatch):
 def test_one_pass_label_scoring_equals_scoring_each_word(tokenizer, max_length, padding_side,
                                                          monkeypatch):
     monkeypatch.setattr(tokenizer, "padding_side", padding_side)
-    torch.manual_seed(0)  # large weights: the favoured word changes with the context
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        vocab_size=len(tokenizer), initializer_range=0.5)).eval()
+    tiny = random_llama(tokenizer)
     examples, _, _ = reviews(tokenizer)
     examples = examples + [Example(f"Tell me more, {i}.", "", 0) for i in range(9)]
     words = ["negative", "positive", "neutral", "yes"]
@@ -244,6 +263,19 @@ def test_one_pass_label_scoring_equals_scoring_each_word(tokenizer, max_length, 
                 for i in range(len(examples))]
     assert len(set(expected)) > 1  # the model does not favour one word everywhere
     assert predict_labels(tiny, tokenizer, examples, words, max_length, batch_size=3) == expected
+
+
+@pytest.mark.parametrize("words", [["negative", "positive"], ["no way", "yes indeed"]])
+def test_classification_metrics_are_accuracy_and_loss_in_one_pass(tokenizer, words):
+    model = random_llama(tokenizer)
+    examples, _, _ = reviews(tokenizer)
+    examples = [replace(e, completion=words[e.label]) for e in examples]
+    got = classification_metrics(model, tokenizer, examples, words, batch_size=3)
+    assert got["accuracy"] == classification_accuracy(model, tokenizer, examples, words, batch_size=4)
+    assert got["loss"] == pytest.approx(completion_loss(model, tokenizer, examples, batch_size=4), rel=1e-5)
+    assert 0 < got["accuracy"] < 1  # a random model: the check can tell right from wrong
+    with pytest.raises(ValueError, match="labelled"):
+        classification_metrics(model, tokenizer, [Example("a", "b")], words)
 
 
 def test_uniform_model_has_vocabulary_size_perplexity(tokenizer):

@@ -34,11 +34,15 @@ EVAL_FRACTION = 0.1  # of the distinct inputs, for validation and again for test
 
 @dataclass(frozen=True)
 class Example:
-    """One example: the user's message, the answer to learn, and its class (if any)."""
+    """One example: the user's message, the answer to learn, and its class (if any).
+
+    ``system`` is the system message before the user's; None leaves it to the chat template
+    (SmolLM2's writes a default one, ~20 tokens), "" asks for an empty one."""
 
     prompt: str
     completion: str
     label: int | None = None
+    system: str | None = None
 
 
 @dataclass
@@ -249,7 +253,8 @@ def format_example(tokenizer, example: Example, end_turn: bool = True) -> tuple[
     if not example.prompt:  # plain language modelling: the text is all completion
         return "", example.completion
     if tokenizer.chat_template:
-        user = [{"role": "user", "content": example.prompt}]
+        system = [] if example.system is None else [{"role": "system", "content": example.system}]
+        user = system + [{"role": "user", "content": example.prompt}]
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
             user + [{"role": "assistant", "content": example.completion}], tokenize=False)
@@ -257,7 +262,8 @@ def format_example(tokenizer, example: Example, end_turn: bool = True) -> tuple[
             return prompt, full[len(prompt):] if end_turn else example.completion
     # no template, or one whose answer does not extend its generation prompt
     end = (tokenizer.eos_token or "") if end_turn else ""
-    return f"### Input:\n{example.prompt}\n\n### Response:\n", example.completion + end
+    system = f"{example.system}\n\n" if example.system else ""
+    return f"{system}### Input:\n{example.prompt}\n\n### Response:\n", example.completion + end
 
 
 def tokenize_example(tokenizer, example: Example, max_length: int = 256,
@@ -355,14 +361,20 @@ def completion_logprobs(model, tokenizer, examples: list[Example], max_length: i
     """
     results = []
     for logits, labels in _forward_batches(model, tokenizer, examples, max_length, batch_size, end_turn):
-        # position t predicts token t + 1
-        targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
-        logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
-        token_lp = logprobs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
-        sums = torch.zeros(len(labels), device=labels.device)
-        sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
-        results += zip(sums.tolist(), scored.sum(1).tolist())
+        sums, counts = _completion_sums(logits, labels)
+        results += zip(sums.tolist(), counts.tolist())
     return results
+
+
+def _completion_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a batch: the summed log-probability of its completion tokens, their count."""
+    # position t predicts token t + 1
+    targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+    token_lp = logprobs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(len(labels), device=labels.device)
+    sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
+    return sums, scored.sum(1)
 
 
 def completion_loss(model, tokenizer, examples: list[Example], max_length: int = 256,
@@ -389,10 +401,10 @@ def predict_labels(model, tokenizer, examples: list[Example], label_words: list[
     Each word is scored by its log-likelihood as the whole answer, without the end of turn:
     how the model would go on after the word is no evidence for or against it.
     """
-    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
-    if max_length > 1 and all(len(ids) == 1 for ids in word_ids) and all(e.prompt for e in examples):
-        return _predict_single_tokens(model, tokenizer, examples, [ids[0] for ids in word_ids],
-                                      label_words[0], max_length, batch_size)
+    word_ids = _one_token_words(tokenizer, examples, label_words, max_length)
+    if word_ids is not None:
+        return _predict_single_tokens(model, tokenizer, examples, word_ids, label_words[0],
+                                      max_length, batch_size)
     candidates = [replace(e, completion=word) for e in examples for word in label_words]
     scores = completion_logprobs(model, tokenizer, candidates, max_length, batch_size,
                                  end_turn=False)
@@ -409,22 +421,66 @@ def _predict_single_tokens(model, tokenizer, examples: list[Example], word_ids: 
     all words at once, exactly as one pass per word would.
     """
     candidates = [replace(e, completion=first_word) for e in examples]
-    ids = torch.tensor(word_ids)
     predictions: list[int] = []
     for logits, labels in _forward_batches(model, tokenizer, candidates, max_length, batch_size, False):
-        before_answer = (labels[:, 1:] != IGNORE_INDEX).float().argmax(1)  # the answer is 1 token
-        scores = logits[torch.arange(len(labels)), before_answer][:, ids.to(logits.device)]
-        predictions += scores.float().argmax(1).tolist()
+        predictions += _answer_choices(logits, labels, word_ids)
     return predictions
+
+
+def _one_token_words(tokenizer, examples: list[Example], label_words: list[str],
+                     max_length: int) -> list[int] | None:
+    """The label words' token ids when one pass can score them all (each is one token and
+    every example has a prompt to condition on), else None."""
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in label_words]
+    if max_length > 1 and all(len(ids) == 1 for ids in word_ids) and all(e.prompt for e in examples):
+        return [ids[0] for ids in word_ids]
+    return None
+
+
+def _answer_choices(logits: torch.Tensor, labels: torch.Tensor, word_ids: list[int]) -> list[int]:
+    """Per row: which of the one-token ``word_ids`` the logits before its answer favour."""
+    before_answer = (labels[:, 1:] != IGNORE_INDEX).float().argmax(1)  # predicts the 1st answer token
+    scores = logits[torch.arange(len(labels)), before_answer][:, torch.tensor(word_ids, device=logits.device)]
+    return scores.float().argmax(1).tolist()
 
 
 def classification_accuracy(model, tokenizer, examples: list[Example], label_words: list[str],
                             max_length: int = 256, batch_size: int = 8) -> float:
     """Fraction of ``examples`` whose most likely label word is their label."""
-    if not examples or any(e.label is None for e in examples):
-        raise ValueError("classification_accuracy needs labelled examples")
+    _check_labelled(examples)
     predictions = predict_labels(model, tokenizer, examples, label_words, max_length, batch_size)
     return sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)
+
+
+def _check_labelled(examples: list[Example]) -> None:
+    if not examples or any(e.label is None for e in examples):
+        raise ValueError("classification needs labelled examples")
+
+
+def classification_metrics(model, tokenizer, examples: list[Example], label_words: list[str],
+                           max_length: int = 256, batch_size: int = 8) -> dict[str, float]:
+    """``accuracy`` (as ``classification_accuracy``) and ``loss`` (as ``completion_loss``).
+
+    When every label word is one token, one forward pass per batch gives both: by causality
+    the logits before the answer score every word whatever completion follows, so the pass
+    that scores the example's own completion also predicts its label. The prompt is then cut
+    to leave room for the whole completion, end of turn included: over ``max_length`` tokens
+    it may lose a token or two more than ``classification_accuracy`` cuts from it.
+    """
+    _check_labelled(examples)
+    word_ids = _one_token_words(tokenizer, examples, label_words, max_length)
+    if word_ids is None:
+        return {"accuracy": classification_accuracy(model, tokenizer, examples, label_words,
+                                                    max_length, batch_size),
+                "loss": completion_loss(model, tokenizer, examples, max_length, batch_size)}
+    correct, logprob, tokens = 0, 0.0, 0
+    batches = _forward_batches(model, tokenizer, examples, max_length, batch_size, True)
+    for start, (logits, labels) in zip(range(0, len(examples), batch_size), batches):
+        choices = _answer_choices(logits, labels, word_ids)
+        correct += sum(c == e.label for c, e in zip(choices, examples[start:start + batch_size]))
+        sums, counts = _completion_sums(logits, labels)
+        logprob, tokens = logprob + float(sums.sum()), tokens + int(counts.sum())
+    return {"accuracy": correct / len(examples), "loss": -logprob / tokens}
 
 
 def evaluate(model, tokenizer, task: Task, split: str = "test", max_length: int = 256,

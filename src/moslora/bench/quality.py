@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,8 +44,8 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from .. import MoSConfig, get_mos_model
-from ..data import (Example, Task, answer_window, classification_accuracy, collate, completion_loss,
-                    load_task, tokenize_example)
+from ..data import (Example, Task, answer_window, classification_metrics, collate, load_task,
+                    tokenize_example)
 from ..layer import linear_shape
 from ..model import find_targets
 from .runs import RunStore, environment, read_json, write_json
@@ -217,6 +217,7 @@ class TrackSpec:
     eval_examples: int
     test_examples: int
     head_lr: float = 0.0  # classification head (encoder track); 0 = no head
+    system: str | None = None  # LLM track: the system message (None = the chat template's)
     sweep: bool = True
 
     def quick(self) -> "TrackSpec":
@@ -231,8 +232,10 @@ SPECS = {
     "encoder": TrackSpec("encoder", ("sentiment", "party"), budgets=(4, 8), seeds=5, steps=80,
                          batch_size=16, max_length=64, eval_examples=200, test_examples=500,
                          head_lr=2e-3),
+    # an empty system message: SmolLM2's default one is ~20 of a prompt's ~76 tokens, a
+    # quarter of every step, and says nothing about the task
     "llm": TrackSpec("llm", ("sentiment",), budgets=(2, 4), seeds=3, steps=30, batch_size=8,
-                     max_length=96, eval_examples=40, test_examples=120),
+                     max_length=96, eval_examples=40, test_examples=120, system=""),
 }
 
 
@@ -318,15 +321,18 @@ class LLMTrack(Track):
     def fresh_model(self, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
         return copy.deepcopy(self.base), []
 
+    def _with_system(self, examples: list[Example]) -> list[Example]:
+        return [replace(e, system=self.spec.system) for e in examples]
+
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         # left padding, so that the LM head runs on the answers only (answer_window)
-        features = [tokenize_example(self.tokenizer, e, self.spec.max_length) for e in examples]
+        features = [tokenize_example(self.tokenizer, e, self.spec.max_length)
+                    for e in self._with_system(examples)]
         return answer_window(collate(features, self.tokenizer.pad_token_id, "left"))
 
     def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
-        n = self.spec.max_length
-        return {"accuracy": classification_accuracy(model, self.tokenizer, examples, labels, n, 16),
-                "loss": completion_loss(model, self.tokenizer, examples, n, 16)}
+        return classification_metrics(model, self.tokenizer, self._with_system(examples), labels,
+                                      self.spec.max_length, 16)
 
 
 def load_track(spec: TrackSpec) -> Track:
@@ -350,10 +356,17 @@ class RunSpec:
     eval_examples: int
     test_examples: int
     head_lr: float
+    system: str | None = None
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        # a field added with a default is hashed only when set away from it, so the runs
+        # cached before it existed keep their keys
+        spec = asdict(self)
+        for f in fields(self):
+            if f.default is not MISSING and spec[f.name] == f.default:
+                del spec[f.name]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) -> dict[str, Any]:
@@ -386,7 +399,9 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
     seconds = time.perf_counter() - start
     diverged = len(losses) < run.steps
     nan = {"accuracy": math.nan, "loss": math.nan}
-    val = nan if diverged else track.evaluate(model, task.validation[:run.eval_examples], task.label_words)
+    # validation is read by the learning-rate sweep only, which runs seed 0
+    val = nan if diverged or run.seed else track.evaluate(model, task.validation[:run.eval_examples],
+                                                           task.label_words)
     test = nan if diverged else track.evaluate(model, task.test[:run.test_examples], task.label_words)
     size = adapter_bytes(model, scratch / run.key) if params else 0
     return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
@@ -498,7 +513,7 @@ class Runner:
 
 def _run_spec(spec: TrackSpec, task: str, adapter: Adapter, lr: float, seed: int) -> RunSpec:
     return RunSpec(spec.name, task, adapter, lr, seed, spec.steps, spec.batch_size, spec.max_length,
-                   spec.eval_examples, spec.test_examples, spec.head_lr)
+                   spec.eval_examples, spec.test_examples, spec.head_lr, spec.system)
 
 
 def _sweep_adapter(adapters: list[Adapter], family: str) -> Adapter:
