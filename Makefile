@@ -30,7 +30,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moslora.cli demo
 
-# the whole benchmark suite (<= 2.5 h on 2 cores; finished runs are cached in results/ and
+# the whole benchmark suite (~2.8 h on 2 cores; finished runs are cached in results/ and
 # skipped, so an interrupted run resumes), then the README's Results section from the JSON
 bench: $(STAMP)
 	$(PY) -m moslora.cli bench quality
