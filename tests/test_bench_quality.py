@@ -161,7 +161,7 @@ def test_a_field_at_its_default_keeps_the_cached_keys():
     assert llm.system == "" and llm.key != dataclasses.replace(llm, system=None).key
 
 
-def test_only_the_sweeps_seed_is_validated(quick, tmp_path):
+def test_only_the_sweeps_seed_is_validated(tmp_path):
     spec = quality.SPECS["encoder"].quick()
     run = quality._run_spec(spec, "sentiment", quality.Adapter("lora", 4, rank=4), 1e-3, 1)
     record = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task("sentiment"),

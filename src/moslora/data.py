@@ -253,11 +253,11 @@ def format_example(tokenizer, example: Example, end_turn: bool = True) -> tuple[
     if not example.prompt:  # plain language modelling: the text is all completion
         return "", example.completion
     if tokenizer.chat_template:
-        system = [] if example.system is None else [{"role": "system", "content": example.system}]
-        user = system + [{"role": "user", "content": example.prompt}]
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        turns = [] if example.system is None else [{"role": "system", "content": example.system}]
+        turns.append({"role": "user", "content": example.prompt})
+        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": example.completion}], tokenize=False)
+            turns + [{"role": "assistant", "content": example.completion}], tokenize=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt):] if end_turn else example.completion
     # no template, or one whose answer does not extend its generation prompt
@@ -473,13 +473,13 @@ def classification_metrics(model, tokenizer, examples: list[Example], label_word
         return {"accuracy": classification_accuracy(model, tokenizer, examples, label_words,
                                                     max_length, batch_size),
                 "loss": completion_loss(model, tokenizer, examples, max_length, batch_size)}
-    correct, logprob, tokens = 0, 0.0, 0
-    batches = _forward_batches(model, tokenizer, examples, max_length, batch_size, True)
-    for start, (logits, labels) in zip(range(0, len(examples), batch_size), batches):
-        choices = _answer_choices(logits, labels, word_ids)
-        correct += sum(c == e.label for c, e in zip(choices, examples[start:start + batch_size]))
+    choices: list[int] = []
+    logprob, tokens = 0.0, 0
+    for logits, labels in _forward_batches(model, tokenizer, examples, max_length, batch_size, True):
+        choices += _answer_choices(logits, labels, word_ids)
         sums, counts = _completion_sums(logits, labels)
         logprob, tokens = logprob + float(sums.sum()), tokens + int(counts.sum())
+    correct = sum(c == e.label for c, e in zip(choices, examples))
     return {"accuracy": correct / len(examples), "loss": -logprob / tokens}
 
 
