@@ -5,7 +5,7 @@ A thin wrapper around ``moslora.bench.quality`` (the same as ``moslora bench qua
 results/quality.json, results/ablation.json, their plots and results/runs.jsonl (the cache of
 finished runs: run it again to resume). ``--quick`` writes under results/quick/.
 
-    python benchmarks/quality.py [--quick] [--results DIR] [--tracks encoder,llm] [--no-ablation]
+    python benchmarks/quality.py [--quick] [--results DIR] [--tracks encoder,llm,capacity] [--no-ablation]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a minutes-long smoke run (one seed, few steps)")
     ap.add_argument("--results", type=Path, default=Path("results"), help="where the JSON and PNG go")
-    ap.add_argument("--tracks", default=",".join(TRACKS), help="comma-separated: encoder, llm")
+    ap.add_argument("--tracks", default=",".join(TRACKS), help="comma-separated: " + ", ".join(TRACKS))
     ap.add_argument("--no-ablation", action="store_true", help="skip the ablation")
     args = ap.parse_args()
     tracks = [t for t in args.tracks.split(",") if t]

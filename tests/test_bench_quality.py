@@ -80,7 +80,7 @@ def test_a_run_does_not_depend_on_the_process_it_ran_in(quick, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a worker of two on two cores
     try:
-        again = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task(run.task),
+        again = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task(run.task, spec),
                                            run, tmp_path)
     finally:
         torch.set_num_threads(threads)
@@ -93,7 +93,7 @@ def test_zero_shot_reference_trains_nothing(quick, tmp_path):
     track = quality.loaded_track(spec)
     before = {k: v.clone() for k, v in track.base.state_dict().items()}
     run = quality._run_spec(spec, "sentiment", quality.Adapter("none", 0), 0.0, 0)
-    record = quality.train_and_evaluate(track, quality.loaded_task("sentiment"),
+    record = quality.train_and_evaluate(track, quality.loaded_task("sentiment", spec),
                                         dataclasses.replace(run, steps=0), tmp_path)
     assert record["adapter_params"] == record["adapter_bytes"] == 0 and record["label"].startswith("no adapter")
     assert 0 <= record["test_accuracy"] <= 1 and math.isfinite(record["test_loss"])
@@ -164,7 +164,7 @@ def test_a_field_at_its_default_keeps_the_cached_keys():
 def test_only_the_sweeps_seed_is_validated(tmp_path):
     spec = quality.SPECS["encoder"].quick()
     run = quality._run_spec(spec, "sentiment", quality.Adapter("lora", 4, rank=4), 1e-3, 1)
-    record = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task("sentiment"),
+    record = quality.train_and_evaluate(quality.loaded_track(spec), quality.loaded_task("sentiment", spec),
                                         dataclasses.replace(run, steps=1), tmp_path)
     assert math.isnan(record["val_accuracy"]) and math.isfinite(record["test_accuracy"])
 

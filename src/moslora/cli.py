@@ -329,7 +329,7 @@ _WORKERS = typer.Option(None, min=1, help="runs trained side by side, each on co
 def bench_quality(
     quick: bool = _QUICK,
     results: Path = _RESULTS,
-    tracks: str = typer.Option("encoder,llm", help="comma-separated: encoder, llm"),
+    tracks: str = typer.Option("encoder,llm,capacity", help="comma-separated: encoder, llm, capacity"),
     workers: Optional[int] = _WORKERS,
 ) -> None:
     """MoS vs PEFT LoRA (ranks e..8e), VeRA and VB-LoRA at matched budgets, several seeds."""

@@ -19,13 +19,14 @@ import gzip
 import json
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import yaml
 
+from . import memorization
 from .assets import asset_path
 
 IGNORE_INDEX = -100  # label value that the loss skips (the prompt and the padding)
@@ -37,23 +38,32 @@ class Example:
     """One example: the user's message, the answer to learn, and its class (if any).
 
     ``system`` is the system message before the user's; None leaves it to the chat template
-    (SmolLM2's writes a default one, ~20 tokens), "" asks for an empty one."""
+    (SmolLM2's writes a default one, ~20 tokens), "" asks for an empty one. ``chat=False``
+    writes the prompt and completion as plain text, one after the other, without the chat
+    template (short memorization items, where a template would triple the tokens)."""
 
     prompt: str
     completion: str
     label: int | None = None
     system: str | None = None
+    chat: bool = True
 
 
 @dataclass
 class Task:
-    """A dataset split three ways; ``label_words[i]`` is the completion of class ``i``."""
+    """A dataset split three ways; ``label_words[i]`` is the completion of class ``i``.
+
+    Memorization tasks (``memorization.py``) are scored on what they trained on: their
+    validation and test splits are the training items, and ``control`` holds items of the
+    same kind never trained on (what the adapter did to everything else)."""
 
     name: str
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     label_words: list[str] | None = None
+    control: list[Example] = field(default_factory=list)
+    chance_nll: float | None = None  # nats per answer token of a guess, where it is known
 
 
 # ---------------------------------------------------------------------------- built-in tasks
@@ -196,13 +206,24 @@ def _user_examples(path: Path) -> tuple[list[Example], list[str] | None]:
 
 # ----------------------------------------------------------------------------------- splits
 
-def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None = None) -> Task:
-    """A built-in task by name (see ``TASKS``) or your own ``.jsonl`` / ``.csv`` file.
+Scorer = Callable[[list[Example]], list[tuple[float, int, bool]]]
+
+
+def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None = None,
+              scorer: Scorer | None = None) -> Task:
+    """A built-in task by name (see ``TASKS`` and ``MEMORIZATION_TASKS``) or your own
+    ``.jsonl`` / ``.csv`` file.
 
     Duplicates are dropped, examples are shuffled with ``seed`` and split 80/10/10; examples
     that share a prompt stay in one split, so no test input was seen in training.
     ``max_examples`` caps each split; capping takes a prefix, so smaller caps are subsets.
+    Memorization tasks are named ``facts:N`` / ``wikidata:N`` (N items) and not split;
+    ``wikidata`` needs ``scorer`` (``answer_scores`` of the base model, see
+    ``memorization_task``).
     """
+    kind, _, size = str(name_or_path).partition(":")
+    if kind in MEMORIZATION_TASKS:
+        return memorization_task(kind, size, seed, scorer)
     if str(name_or_path) in TASKS:
         name = str(name_or_path)
         examples, label_words = TASKS[name]()
@@ -211,11 +232,48 @@ def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None 
         name = path.stem
         examples, label_words = _user_examples(path)
     else:
-        raise ValueError(f"unknown task {str(name_or_path)!r}: use one of {sorted(TASKS)} or "
+        raise ValueError(f"unknown task {str(name_or_path)!r}: use one of {sorted(TASKS)}, "
+                         f"{' or '.join(f'{k}:N' for k in MEMORIZATION_TASKS)}, or "
                          "a .jsonl / .csv file of prompt,completion (or text,label) records")
     train, validation, test = _split(list(dict.fromkeys(examples)), seed)
     return Task(name, train[:max_examples], validation[:max_examples], test[:max_examples],
                 label_words)
+
+
+MEMORIZATION_TASKS = {"facts": 256, "wikidata": 256}  # name -> default number of items
+
+
+def memorization_task(kind: str, size: str = "", seed: int = 0, scorer: Scorer | None = None) -> Task:
+    """``facts`` or ``wikidata`` with ``size`` items (empty: the default), trained and scored
+    on the same items (see ``memorization``). ``seed`` draws the facts (or the sample of
+    wikidata); wikidata keeps the facts ``scorer`` (the base model) gets wrong, and as many
+    again (at least 32) of them, never trained on, as its control."""
+    try:
+        n = int(size) if size else MEMORIZATION_TASKS[kind]
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"task {kind}:{size}: the size after ':' must be a positive whole number "
+                         f"of items, e.g. {kind}:{MEMORIZATION_TASKS[kind]}")
+    name = f"{kind}:{n}"
+    if kind == "facts":
+        items = [Example(p, c, chat=False) for p, c in memorization.facts(n, seed)]
+        return Task(name, items, items, items, chance_nll=memorization.CHANCE_NLL)
+    if scorer is None:
+        raise ValueError("the wikidata task keeps the facts the base model does not know, so it "
+                         "needs the base: pass scorer=functools.partial(answer_scores, model, tokenizer)")
+    pool = [Example(p, c, chat=False) for p, c in memorization.wikidata_facts()]
+    random.Random(seed).shuffle(pool)
+    wanted, kept = n + max(32, n), []
+    for start in range(0, len(pool), 4 * wanted):  # score in chunks until enough are unknown
+        chunk = pool[start:start + 4 * wanted]
+        kept += [e for e, new in zip(chunk, memorization.unknown(scorer(chunk))) if new]
+        if len(kept) >= wanted:
+            break
+    if len(kept) < wanted:
+        raise ValueError(f"the base model gets all but {len(kept)} qa_wikidata facts right; "
+                         f"{name} needs {wanted} unknown ones: ask for fewer")
+    return Task(name, kept[:n], kept[:n], kept[:n], control=kept[n:wanted])
 
 
 def _split(examples: list[Example], seed: int) -> tuple[list[Example], ...]:
@@ -252,6 +310,8 @@ def format_example(tokenizer, example: Example, end_turn: bool = True) -> tuple[
     """
     if not example.prompt:  # plain language modelling: the text is all completion
         return "", example.completion
+    if not example.chat:
+        return example.prompt, example.completion
     if tokenizer.chat_template:
         turns = [] if example.system is None else [{"role": "system", "content": example.system}]
         turns.append({"role": "user", "content": example.prompt})
@@ -275,7 +335,7 @@ def tokenize_example(tokenizer, example: Example, max_length: int = 256,
     """
     prompt, completion = format_example(tokenizer, example, end_turn)
     # a chat template writes its own special tokens; plain text gets the tokenizer's usual BOS
-    templated = bool(example.prompt and tokenizer.chat_template)
+    templated = bool(example.prompt and example.chat and tokenizer.chat_template)
     prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][:max_length]
     room = max_length - len(completion_ids)
@@ -375,6 +435,28 @@ def _completion_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     sums = torch.zeros(len(labels), device=labels.device)
     sums.index_add_(0, scored.nonzero()[:, 0], token_lp)
     return sums, scored.sum(1)
+
+
+def _greedy_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: whether greedy decoding from the prompt writes exactly its completion.
+
+    Under teacher forcing, every completion token being its position's argmax is the same
+    as greedy decoding reproducing the completion (by induction over its tokens), so one
+    pass answers it without generating."""
+    targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+    wrong = (logits[:, :-1].argmax(-1) != targets) & scored
+    return ~wrong.any(1)
+
+
+def answer_scores(model, tokenizer, examples: list[Example], max_length: int = 256,
+                  batch_size: int = 16) -> list[tuple[float, int, bool]]:
+    """Per example: (log-probability of its completion, its token count, greedy exact match),
+    from one teacher-forced pass without the end of turn (the bare answer, as for scoring)."""
+    results = []
+    for logits, labels in _forward_batches(model, tokenizer, examples, max_length, batch_size, False):
+        sums, counts = _completion_sums(logits, labels)
+        results += zip(sums.tolist(), counts.tolist(), _greedy_exact(logits, labels).tolist())
+    return results
 
 
 def completion_loss(model, tokenizer, examples: list[Example], max_length: int = 256,
@@ -485,10 +567,18 @@ def classification_metrics(model, tokenizer, examples: list[Example], label_word
 
 def evaluate(model, tokenizer, task: Task, split: str = "test", max_length: int = 256,
              batch_size: int = 8) -> dict[str, float]:
-    """The task's metric on one split: accuracy for classification, else loss and perplexity."""
+    """The task's metric on one split: accuracy for classification; exact match, loss and
+    bits (facts) for memorization, with the control's; else loss and perplexity."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"unknown split {split!r}: use 'train', 'validation' or 'test'")
     examples = getattr(task, split)
+    if task.name.partition(":")[0] in MEMORIZATION_TASKS:
+        scores = memorization.metrics(answer_scores(model, tokenizer, examples, max_length, batch_size),
+                                      task.chance_nll)
+        if task.control:  # what the adapter did to facts of the same kind it never saw
+            control = answer_scores(model, tokenizer, task.control, max_length, batch_size)
+            scores |= {f"control_{k}": v for k, v in memorization.metrics(control).items()}
+        return scores
     if task.label_words:
         return {"accuracy": classification_accuracy(model, tokenizer, examples, task.label_words,
                                                     max_length, batch_size)}

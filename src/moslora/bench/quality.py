@@ -34,6 +34,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,13 +45,14 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from .. import MoSConfig, get_mos_model
-from ..data import (Example, Task, answer_window, classification_metrics, collate, load_task,
-                    tokenize_example)
+from .. import memorization
+from ..data import (Example, Task, answer_scores, answer_window, classification_metrics, collate,
+                    load_task, tokenize_example)
 from ..layer import linear_shape
 from ..model import find_targets
 from .runs import RunStore, environment, read_json, write_json
 
-TRACKS = ("encoder", "llm")
+TRACKS = ("encoder", "llm", "capacity")
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # every linear layer of BERT's encoder blocks; not the pooler, not the classifier
 ENCODER_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
@@ -136,8 +138,9 @@ def suite(budgets: tuple[int, ...], layers: int, dims: list[tuple[int, int]],
             adapters.append(Adapter("vera", e))
             vera_ranks.add(r)
         adapters.append(Adapter("vblora", e))
-        mos = {mos_rank(e, layers, private, k * e) for k in (4, 8)}
-        adapters += [Adapter("mos", e, rank=r, private=private) for r in sorted(mos)]
+        p = min(private, e - 1)  # at e = 1 every rank is public: p = e leaves the pools empty
+        mos = {mos_rank(e, layers, p, k * e) for k in (4, 8)}
+        adapters += [Adapter("mos", e, rank=r, private=p) for r in sorted(mos)]
     return adapters
 
 
@@ -219,13 +222,16 @@ class TrackSpec:
     head_lr: float = 0.0  # classification head (encoder track); 0 = no head
     system: str | None = None  # LLM track: the system message (None = the chat template's)
     sweep: bool = True
+    lr_factors: tuple[float, ...] = LR_FACTORS  # the sweep's grid: LR_DEFAULTS x these
+    bf16: bool = False  # train and score under bf16 autocast
+    epochs: float = 0.0  # > 0: each task trains this many epochs (steps then vary by task)
 
     def quick(self) -> "TrackSpec":
         """Minutes instead of hours: one task, the smaller budget, one seed, no sweep, a few
         steps and examples (a smoke run of every setting, not a measurement)."""
         return replace(self, tasks=self.tasks[:1], budgets=self.budgets[:1], seeds=1,
                        steps=max(4, self.steps // 10), eval_examples=16, test_examples=32,
-                       sweep=False)
+                       sweep=False, epochs=0.0)
 
 
 SPECS = {
@@ -236,6 +242,14 @@ SPECS = {
     # quarter of every step, and says nothing about the task
     "llm": TrackSpec("llm", ("sentiment",), budgets=(2, 4), seeds=3, steps=30, batch_size=8,
                      max_length=96, eval_examples=40, test_examples=120, system=""),
+    # where rank matters (see memorization.py and the pilot, benchmarks/capacity_pilot.py):
+    # 256 facts for 6 epochs; then the low-data curve at 64 and 128 facts, as many epochs.
+    # Items are scored on what was trained, so validation = test = the 256 facts. The sweep
+    # drops the 9x point: at 1e-2 every method stayed at chance in the pilot.
+    "capacity": TrackSpec("capacity", ("facts:256", "facts:64", "facts:128"), budgets=(1, 2),
+                          seeds=3, steps=0, batch_size=16, max_length=32, eval_examples=256,
+                          test_examples=256, sweep=True, lr_factors=LR_FACTORS[:3], bf16=True,
+                          epochs=6.0),
 }
 
 
@@ -266,8 +280,16 @@ class Track:
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
-        """``accuracy`` and ``loss`` (mean cross-entropy of the answer) on ``examples``."""
+    def plans(self) -> dict[str, list[Adapter]]:
+        """The settings each task runs: the first task every budget, the others the smallest
+        budget only. The second tasks are small (party tests on 44 examples, one standard
+        error ~7 points): they show whether results carry over, not how budgets rank."""
+        return {task: suite(self.spec.budgets if i == 0 else self.spec.budgets[:1], self.layers,
+                            self.dims())
+                for i, task in enumerate(self.spec.tasks)}
+
+    def evaluate(self, model: nn.Module, examples: list[Example], task: Task) -> dict[str, float]:
+        """``accuracy`` and ``loss`` (mean cross-entropy of the answer) on ``examples`` of ``task``."""
         raise NotImplementedError
 
 
@@ -298,7 +320,7 @@ class EncoderTrack(Track):
         return {**batch, "labels": torch.tensor([e.label for e in examples])}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, examples: list[Example], task: Task) -> dict[str, float]:
         model.eval()
         correct, loss = 0, 0.0
         for start in range(0, len(examples), 64):
@@ -330,13 +352,46 @@ class LLMTrack(Track):
                     for e in self._with_system(examples)]
         return answer_window(collate(features, self.tokenizer.pad_token_id, "left"))
 
-    def evaluate(self, model: nn.Module, examples: list[Example], labels: list[str]) -> dict[str, float]:
-        return classification_metrics(model, self.tokenizer, self._with_system(examples), labels,
-                                      self.spec.max_length, 16)
+    def evaluate(self, model: nn.Module, examples: list[Example], task: Task) -> dict[str, float]:
+        return classification_metrics(model, self.tokenizer, self._with_system(examples),
+                                      task.label_words, self.spec.max_length, 16)
+
+
+class CapacityTrack(LLMTrack):
+    """SmolLM2 storing what it does not know (``memorization``): ``accuracy`` is greedy exact
+    match of the whole answer, ``loss`` the NLL per answer token, ``bits`` (where chance is
+    known) the information stored."""
+
+    def evaluate(self, model: nn.Module, examples: list[Example], task: Task) -> dict[str, float]:
+        with _autocast(self.spec.bf16):
+            scores = answer_scores(model, self.tokenizer, examples, self.spec.max_length, 32)
+        return memorization.metrics(scores, task.chance_nll)
+
+
+    def plans(self) -> dict[str, list[Adapter]]:
+        """The first task: the suite at every budget, MoS at the largest rank subset selection
+        allows at the smallest budget, and the ablation at the largest budget (at least 2:
+        p = 1 needs e >= 2). The other tasks (the low-data curve): LoRA@e, LoRA@8e and MoS@e at r = 8e
+        at the smallest budget."""
+        first, *others = self.spec.tasks
+        e, top = self.spec.budgets[0], max(2, self.spec.budgets[-1])  # quick mode has e = 1 only
+        widest = Adapter("mos", e, rank=mos_rank(e, self.layers, 0, 10**6), private=0)
+        main = suite(self.spec.budgets, self.layers, self.dims())
+        main += [widest] if widest not in main else []
+        main += [a for a in ablations(top, 8 * top) if a not in main]
+        curve = [Adapter("lora", e, rank=e), Adapter("lora", 8 * e, rank=8 * e),
+                 Adapter("mos", e, rank=8 * e, private=0)]
+        return {first: main, **{task: curve for task in others}}
+
+
+def _autocast(enabled: bool):
+    """bf16 autocast on the model's device: 1.7x a SmolLM2 step on a CPU with AVX512-BF16."""
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                          enabled=enabled)
 
 
 def load_track(spec: TrackSpec) -> Track:
-    return {"encoder": EncoderTrack, "llm": LLMTrack}[spec.name](spec)
+    return {"encoder": EncoderTrack, "llm": LLMTrack, "capacity": CapacityTrack}[spec.name](spec)
 
 
 # -------------------------------------------------------------------------------- one run
@@ -357,6 +412,7 @@ class RunSpec:
     test_examples: int
     head_lr: float
     system: str | None = None
+    bf16: bool = False
 
     @property
     def key(self) -> str:
@@ -387,7 +443,8 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
     start, losses = time.perf_counter(), []
     model.train()
     for _ in range(run.steps):
-        loss = model(**next(batches)).loss
+        with _autocast(run.bf16):
+            loss = model(**next(batches)).loss
         if not torch.isfinite(loss):
             break  # a diverged run is recorded as such; the sweep skips it
         loss.backward()
@@ -398,17 +455,22 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
         losses.append(loss.detach().item())
     seconds = time.perf_counter() - start
     diverged = len(losses) < run.steps
-    nan = {"accuracy": math.nan, "loss": math.nan}
+    def scores(examples: list[Example]) -> dict[str, float]:
+        if diverged:
+            return dict.fromkeys(("accuracy", "loss", "bits") if task.chance_nll else ("accuracy", "loss"),
+                                 math.nan)
+        return track.evaluate(model, examples, task)
+
     # validation is read by the learning-rate sweep only, which runs seed 0
-    val = nan if diverged or run.seed else track.evaluate(model, task.validation[:run.eval_examples],
-                                                           task.label_words)
-    test = nan if diverged else track.evaluate(model, task.test[:run.test_examples], task.label_words)
+    val = scores(task.validation[:run.eval_examples]) if not run.seed else {"accuracy": math.nan}
+    test = scores(task.test[:run.test_examples])
+    control = {f"control_{k}": v for k, v in scores(task.control).items()} if task.control else {}
     size = adapter_bytes(model, scratch / run.key) if params else 0
     return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
             "adapter_params": sum(p.numel() for p in params),
             "head_params": sum(p.numel() for p in head), "adapter_bytes": size,
-            "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"], "diverged": diverged, "train_seconds": seconds,
+            "val_accuracy": val["accuracy"], **{f"test_{k}": v for k, v in test.items()}, **control,
+            "diverged": diverged, "train_seconds": seconds,
             "seconds": time.perf_counter() - began,
             "first_loss": losses[0] if losses else math.nan,
             "last_loss": statistics.fmean(losses[-10:]) if losses else math.nan}
@@ -427,10 +489,13 @@ def loaded_track(spec: TrackSpec) -> Track:
     return _TRACKS[spec]
 
 
-def loaded_task(name: str) -> Task:
-    """The task's fixed splits (seed 0)."""
+def loaded_task(name: str, spec: TrackSpec) -> Task:
+    """The task's fixed splits (seed 0); a task that picks its items with the base model
+    (wikidata) asks the track's."""
     if name not in _TASKS:
-        _TASKS[name] = load_task(name, seed=0)
+        track = loaded_track(spec) if name.startswith("wikidata") else None
+        scorer = track and partial(answer_scores, track.base, track.tokenizer, batch_size=32)
+        _TASKS[name] = load_task(name, seed=0, scorer=scorer)
     return _TASKS[name]
 
 
@@ -443,7 +508,7 @@ def _init_worker(threads: int) -> None:
 
 
 def _run(spec: TrackSpec, run: RunSpec, scratch: Path) -> dict[str, Any]:
-    return train_and_evaluate(loaded_track(spec), loaded_task(run.task), run, scratch)
+    return train_and_evaluate(loaded_track(spec), loaded_task(run.task, spec), run, scratch)
 
 
 def default_workers() -> int:
@@ -512,8 +577,16 @@ class Runner:
 
 
 def _run_spec(spec: TrackSpec, task: str, adapter: Adapter, lr: float, seed: int) -> RunSpec:
-    return RunSpec(spec.name, task, adapter, lr, seed, spec.steps, spec.batch_size, spec.max_length,
-                   spec.eval_examples, spec.test_examples, spec.head_lr, spec.system)
+    return RunSpec(spec.name, task, adapter, lr, seed, task_steps(spec, task), spec.batch_size,
+                   spec.max_length, spec.eval_examples, spec.test_examples, spec.head_lr, spec.system,
+                   spec.bf16)
+
+
+def task_steps(spec: TrackSpec, task: str) -> int:
+    """The track's steps, or with ``spec.epochs`` the steps that pass over ``task`` that often."""
+    if not spec.epochs:
+        return spec.steps
+    return max(1, round(spec.epochs * len(loaded_task(task, spec).train) / spec.batch_size))
 
 
 def _sweep_adapter(adapters: list[Adapter], family: str) -> Adapter:
@@ -543,7 +616,7 @@ def learning_rates(spec: TrackSpec, task: str, adapters: list[Adapter], runner: 
     """Per family: the swept rates with seed-0 validation accuracy, and the chosen one."""
     probes = {}
     for family in families or sorted({a.family for a in adapters}):
-        grid = [LR_DEFAULTS[family] * f for f in LR_FACTORS] if spec.sweep else [LR_DEFAULTS[family]]
+        grid = [LR_DEFAULTS[family] * f for f in spec.lr_factors] if spec.sweep else [LR_DEFAULTS[family]]
         probes[family] = (_sweep_adapter(adapters, family), grid)
     runs = [_run_spec(spec, task, probe, lr, 0) for probe, grid in probes.values() for lr in grid]
     accuracy = {r["key"]: r["val_accuracy"] for r in runner.run_all(spec, runs)}
@@ -563,18 +636,9 @@ def seed_rows(spec: TrackSpec, task: str, adapters: list[Adapter], rates: dict[s
     return [summarize([records[run.key] for run in row]) for row in runs]
 
 
-def task_plans(spec: TrackSpec, track: Track) -> dict[str, list[Adapter]]:
-    """The settings each task of the track runs: the first task every budget, the others the
-    smallest budget only. The second tasks are small (party tests on 44 examples, one
-    standard error ~7 points): they show whether results carry over, not how budgets rank."""
-    layers, dims = track.layers, track.dims()
-    return {task: suite(spec.budgets if i == 0 else spec.budgets[:1], layers, dims)
-            for i, task in enumerate(spec.tasks)}
-
-
 def _plan_size(spec: TrackSpec, plans: dict[str, list[Adapter]]) -> int:
     families = {a.family for a in plans[spec.tasks[0]]}
-    sweep = len(families) * (len(LR_FACTORS) if spec.sweep else 1)
+    sweep = len(families) * (len(spec.lr_factors) if spec.sweep else 1)
     zero_shot = 0 if spec.head_lr else len(plans)
     return sweep + sum(len(adapters) for adapters in plans.values()) * spec.seeds + zero_shot
 
@@ -623,7 +687,7 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
     with _progress() as progress, _runner(out, progress, workers) as runner:
         plans = []
         for spec in specs:
-            plans.append((spec, task_plans(spec, loaded_track(spec))))
+            plans.append((spec, loaded_track(spec).plans()))
         runner.task_id = progress.add_task("quality", total=sum(_plan_size(s, p) for s, p in plans))
         for spec, tasks in plans:
             track_result = {"spec": asdict(spec), "tasks": {}}
@@ -634,7 +698,7 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
                 if not spec.head_lr:  # a new head starts at chance: no zero-shot reference then
                     zero_shot = replace(_run_spec(spec, task, Adapter("none", 0), 0.0, 0), steps=0)
                     rows.append(summarize(runner.run_all(spec, [zero_shot])))
-                tested = len(loaded_task(task).test[:spec.test_examples])  # party has fewer
+                tested = len(loaded_task(task, spec).test[:spec.test_examples])  # party has fewer
                 track_result["tasks"][task] = {"learning_rates": rates, "test_examples": tested,
                                                "results": rows}
             # what the track costs from scratch: its distinct runs and their recorded wall times
