@@ -6,6 +6,10 @@ replaces the target in one step: Linux's ``renameat2(RENAME_EXCHANGE)`` swaps tw
 falls back to two renames, with a short window in which the target is absent but the old copy
 is kept beside it.
 
+Files come out with the mode a plain ``open()`` gives them (``0666`` minus the umask, so
+0644 under umask 022): some writers, safetensors among them, create 0600 files, which a
+server running as another user could not read.
+
 A staging directory is named ``.<target>.tmp-<pid>@<host>-<token>``. A writer killed mid-save
 leaves it behind; the next save of the same target (or ``remove_stale_staging``) deletes the
 ones whose writer is gone: same host, and that process id no longer exists.
@@ -19,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -58,6 +63,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     staging = _staging_path(target)
     try:
         yield staging
+        _widen_to_umask(staging)
         _fsync_path(staging)
         os.replace(staging, target)
         _fsync_path(target.parent)
@@ -77,7 +83,13 @@ def staging_directory(target: str | Path) -> Path:
 
 
 def publish_directory(staging: Path, target: Path) -> None:
-    """Flush ``staging`` to disk and make it ``target`` in one step; drop the old ``target``."""
+    """Flush ``staging`` to disk and make it ``target`` in one step; drop the old ``target``.
+
+    Its files get at least the read and write bits the umask allows (see the module doc).
+    """
+    for dirpath, _, files in os.walk(staging):
+        for name in files:
+            _widen_to_umask(Path(dirpath) / name)
     _fsync_tree(staging)
     if target.exists():
         _exchange(staging, target)  # staging now holds the old directory
@@ -154,6 +166,26 @@ def _carry_over(old: Path, new: Path) -> None:
             os.symlink(os.readlink(entry), dest)
         else:
             os.link(entry, dest)
+
+
+def _widen_to_umask(path: Path) -> None:
+    """Add the permission bits ``open()`` would have given a new file (never remove any)."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode) and (stat.S_IMODE(mode) | _new_file_mode()) != stat.S_IMODE(mode):
+        os.chmod(path, stat.S_IMODE(mode) | _new_file_mode())
+
+
+def _new_file_mode() -> int:
+    """``0666`` minus the process umask: the mode of a file created by ``open()``."""
+    try:  # Linux shows the umask without changing it (os.umask can only read by setting)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _exchange(a: Path, b: Path) -> None:
