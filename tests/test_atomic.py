@@ -24,6 +24,15 @@ def test_replaces_and_carries_over_other_entries(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
+def test_without_keep_others_the_old_directory_goes_whole(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    with atomic_directory(target, keep_others=False) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+
+
 def test_an_error_leaves_the_target_untouched(tmp_path):
     target = tmp_path / "d"
     target.mkdir()

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,6 +76,32 @@ def test_merge_never_overwrites_a_model(saved_base_and_adapter, tmp_path):
     assert result.exit_code == 2
     assert "already exists" in flat(result.output)
     assert (base / "model.safetensors").is_file()
+
+
+def test_export_peft_never_overwrites_an_adapter_without_overwrite(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base)])
+    assert result.exit_code == 2, result.output
+    assert "already exists and is not empty; pass --overwrite" in flat(result.output)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # the MoS adapter is intact
+    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base),
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "peft_type" in json.loads((other / "adapter_config.json").read_text())
+
+
+def test_merge_with_overwrite_replaces_the_whole_model(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model-00002-of-00002.safetensors").write_text("a shard of an older model")
+    result = runner.invoke(app, ["merge", str(adapter), str(out), "--model", str(base), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
 
 
 def flat(output: str) -> str:

@@ -36,11 +36,12 @@ _STAGING = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)-(?P<token>
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, keep_others: bool = True) -> Iterator[Path]:
     """Yield an empty directory to fill; on a clean exit it replaces ``target`` atomically.
 
-    Entries already in ``target`` that the block does not write (a README, training state)
-    are carried over as hard links. On an exception ``target`` is untouched. Staging
+    With ``keep_others``, entries already in ``target`` that the block does not write (a
+    README, training state) are carried over as hard links; without, the old directory goes
+    whole. On an exception ``target`` is untouched. Staging
     directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
@@ -49,7 +50,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = staging_directory(target)
     try:
         yield staging
-        if target.exists():
+        if keep_others and target.exists():
             _carry_over(target, staging)
         publish_directory(staging, target)
     finally:

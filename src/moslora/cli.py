@@ -208,33 +208,39 @@ def _dtype(value: str) -> str:
     return value
 
 
-def _new_directory(value: Path) -> Path:
-    """An output directory that does not exist yet or is empty: a merge never overwrites a model."""
-    if value.exists() and (not value.is_dir() or any(value.iterdir())):
-        raise typer.BadParameter(f"{value} already exists and is not an empty directory; "
-                                 "choose a new path or remove it")
-    return value
+def _check_new_directory(path: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty directory (an adapter, a model) unless ``--overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} exists and is not a directory", param_hint="'out_dir'")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise typer.BadParameter(f"{path} already exists and is not empty; pass --overwrite to "
+                                 "replace it, or choose a new path", param_hint="'out_dir'")
+
+
+_OVERWRITE = typer.Option(False, "--overwrite", help="replace OUT_DIR if it already holds files")
 
 
 @app.command()
 def merge(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
-    out_dir: Path = typer.Argument(..., callback=_new_directory,
-                                   help="a new directory for the merged model"),
+    out_dir: Path = typer.Argument(..., help="a new directory for the merged model"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="the adapter's base model (default: embedded SmolLM2)"),
     dtype: str = typer.Option("float32", callback=_dtype, help="dtype of the saved weights: "
                               + ", ".join(_DTYPES)),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Fold an MoS adapter into its base (W += alpha/r B A) and save a plain Hugging Face model."""
     import torch
 
     from .atomic import atomic_directory
 
+    _check_new_directory(out_dir, overwrite)
     mos, tokenizer = _load_mos(adapter, model)
     # cast after merging: the sum is taken at the base's own precision
     merged = mos.merge_and_unload().to(getattr(torch, dtype))
-    with atomic_directory(out_dir) as staging:
+    # keep_others=False: an overwritten model must not keep the old one's extra weight shards
+    with atomic_directory(out_dir, keep_others=False) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     typer.echo(f"wrote {out_dir}")
@@ -243,13 +249,15 @@ def merge(
 @app.command("export-peft")
 def export_peft(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
-    out_dir: Path = typer.Argument(..., file_okay=False, help="where to write the PEFT LoRA directory"),
+    out_dir: Path = typer.Argument(..., help="a new directory for the PEFT LoRA adapter"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="the adapter's base model (default: embedded SmolLM2)"),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
     from .checkpoint import export_peft_lora
 
+    _check_new_directory(out_dir, overwrite)
     mos, _ = _load_mos(adapter, model)
     export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
