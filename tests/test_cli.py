@@ -130,6 +130,8 @@ def paths(tmp_path):
     (tmp_path / "a.txt").write_text("not a directory")
     (tmp_path / "empty").mkdir()
     (tmp_path / "keys.json").write_text("[1, 2]")
+    (tmp_path / "previous-run").mkdir()
+    (tmp_path / "previous-run" / "metrics.json").write_text("{}")
     return tmp_path
 
 
@@ -157,6 +159,7 @@ BAD_OPTIONS = [
     (["train", "--model", "{tmp}/no-model"], "--model"),
     (["train", "--output-dir", "{tmp}/a.txt"], "--output-dir"),
     (["train", "--resume", "--output-dir", "{tmp}/empty"], "--resume"),
+    (["train", "--output-dir", "{tmp}/previous-run"], "--output-dir"),
     (["train", "--max-steps", "0"], "--max-steps"),
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--grad-accum", "0"], "--grad-accum"),
@@ -242,3 +245,42 @@ def test_messages_say_the_allowed_range(paths, no_model_loading):
              ("train", "--alpha", "inf"): "must be a finite number"}
     for args, words in cases.items():
         assert words in flat(runner.invoke(app, list(args)).output), args
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A tiny Llama's config.json alone: enough for every check made before loading."""
+    tiny_llama(layers=2).config.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def no_base_loading(monkeypatch):
+    import moslora.train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the run was checked")
+
+    monkeypatch.setattr(moslora.train, "load_base", reached)
+
+
+def test_train_reports_user_errors_in_one_line_before_loading_the_model(model_folder, tmp_path,
+                                                                        no_base_loading):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "a", "completion": "b"}\n{"question": "c"}\n')
+    (tmp_path / "no-config").mkdir()
+    cases = [
+        (["--task", str(bad_data)], "--task", "line 2: expected fields 'prompt' and 'completion'"),
+        (["--rank", "16", "--budget-rank", "2", "--private-rank", "1"], "--rank",
+         "the largest rank that fits is 3"),
+        (["--targets", "q_proj,qkv"], "--targets", "['qkv'] matched no module"),
+        (["--model", str(tmp_path / "no-config")], "--model", "has no config.json"),
+    ]
+    for args, option, words in cases:
+        model = [] if "--model" in args else ["--model", str(model_folder)]
+        result = runner.invoke(app, ["train", "--output-dir", str(tmp_path / "run"), *model, *args])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        out = flat(result.output)
+        assert f"Invalid value for '{option}'" in out or f"Invalid value for {option}" in out, out
+        assert words in out, out
+        assert "Traceback" not in result.output

@@ -80,6 +80,47 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         tiny_config(tmp_path / "none", resume=True)
 
 
+def _old_run(run):
+    """A previous run's leftovers: a checkpoint from a later step and its metrics."""
+    (run / "checkpoints" / "checkpoint-99").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-99" / "trainer_state.json").write_text("{}")
+    (run / "metrics.json").write_text('{"old": true}')
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_previous_run(tmp_path):
+    _old_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="holds a previous run .*checkpoint-99.*--resume.*--overwrite") as err:
+        tiny_config(tmp_path / "run")
+    assert err.value.field == "output_dir"
+    assert json.loads((tmp_path / "run/metrics.json").read_text()) == {"old": True}
+    with pytest.raises(ValueError, match="pass only one of them"):
+        tiny_config(tmp_path / "run", resume=True, overwrite=True)
+    tiny_config(tmp_path / "run" / "elsewhere")  # a folder with only unrelated files is fine
+
+
+def test_overwrite_starts_afresh_without_the_old_checkpoints(tmp_path, tokenizer):
+    run = tmp_path / "run"
+    _old_run(run)
+    (run / "notes.txt").write_text("mine")
+    train(tiny_config(run, overwrite=True), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert "old" not in json.loads((run / "metrics.json").read_text())
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
+    steps = [h["step"] for h in json.loads(
+        (run / "checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"]]
+    assert max(steps) == 6
+
+
+def test_checkpoint_names_are_transformers_names():
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from moslora import train_config
+
+    assert (train_config.CHECKPOINT_PREFIX, train_config.TRAINER_STATE_NAME) == (PREFIX_CHECKPOINT_DIR,
+                                                                                 TRAINER_STATE_NAME)
+
+
 def test_lora_baseline_writes_a_peft_adapter(tmp_path, tokenizer):
     result = train(tiny_config(tmp_path / "lora", method="lora"), base=tiny_base(tokenizer), tokenizer=tokenizer)
     config = json.loads((tmp_path / "lora/adapter/adapter_config.json").read_text())

@@ -10,7 +10,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from .config import ConfigError
+from .config import ConfigError, MoSConfig
+from .train_config import LR_SCHEDULERS, TrainConfig
 
 app = typer.Typer(help="Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -25,16 +26,24 @@ def _option(field: str) -> str:
 
 
 @contextmanager
-def _usage_errors(hint: str | None = None) -> Iterator[None]:
-    """Report a config or adapter error as a usage error naming the option (exit code 2)."""
-    from .checkpoint import CheckpointError
-
+def _config_errors(hint: str | None = None) -> Iterator[None]:
+    """Report a ``ConfigError`` as a usage error naming the option (exit code 2)."""
     try:
         yield
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint=hint or _option(err.field)) from None
-    except (CheckpointError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err), param_hint=hint) from None
+
+
+@contextmanager
+def _usage_errors(hint: str | None = None) -> Iterator[None]:
+    """Report a config or adapter error as a usage error naming the option (exit code 2)."""
+    from .checkpoint import CheckpointError
+
+    with _config_errors(hint):
+        try:
+            yield
+        except (CheckpointError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 def _finite(value: float) -> float:
@@ -53,11 +62,12 @@ def _task(value: str) -> str:
 
 
 def _checked(check: str, value: Any) -> Any:
-    """Run ``moslora.train.<check>`` on an option's value in its callback (click names the option)."""
-    from . import train  # here, not at the top: it imports torch, and --help should stay fast
+    """Run ``moslora.train_config.<check>`` on an option's value in its callback (click names the
+    option)."""
+    from . import train_config
 
     try:
-        getattr(train, check)(value)
+        getattr(train_config, check)(value)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     return value
@@ -72,42 +82,84 @@ def _targets(value: str) -> list[str] | str:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+def _default(field: str) -> Any:
+    """The default of ``TrainConfig.<field>``, or of the default adapter's ``MoSConfig.<field>``:
+    the options show the library's defaults instead of repeating them."""
+    fields = TrainConfig.__dataclass_fields__
+    if field in fields:
+        return fields[field].default
+    return getattr(fields["mos"].default_factory(), field)
+
+
+def _default_targets() -> str:
+    targets = _default("target_modules")
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
 @app.command()
 def train(
-    task: str = typer.Option("sentiment", help="sentiment | party | hamlet | chat, or a .jsonl/.csv file"),
+    task: str = typer.Option(_default("task"),
+                             help="sentiment | party | hamlet | chat, or a .jsonl/.csv file"),
+    eval_file: Optional[str] = typer.Option(None, help="a .jsonl/.csv file to validate and test on "
+                                                       "(then every example of --task trains)"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
-    output_dir: str = typer.Option("runs/default", help="run folder"),
-    method: str = typer.Option("mos", help="mos, or lora for a PEFT LoRA run with the same settings"),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                                help="comma-separated suffixes, all-linear, or re:<regex>"),
-    rank: int = typer.Option(16, min=1, help="per-layer rank r"),
-    budget_rank: int = typer.Option(2, min=1, help="LoRA rank e whose parameter count MoS matches"),
-    shards_per_vector: int = typer.Option(2, min=1, help="l: shards per rank vector (vector sharding)"),
-    private_rank: int = typer.Option(1, min=0, help="p: private ranks per layer (shard privatization)"),
-    subset_selection: bool = typer.Option(True, help="route each layer to its own subset of the pool"),
-    pair_dissociation: bool = typer.Option(True, help="route A and B shards independently"),
-    alpha: float = typer.Option(32.0, min=0.0, callback=_finite, help="update scale numerator (alpha / rank)"),
-    dropout: float = typer.Option(0.0, min=0.0, max=0.99, callback=_finite),
-    init: str = typer.Option("kaiming", help="kaiming | gaussian"),
-    max_steps: int = typer.Option(60, min=1),
-    batch_size: int = typer.Option(8, min=1),
-    grad_accum: int = typer.Option(1, min=1),
-    learning_rate: float = typer.Option(2e-3, min=0.0, max=1.0, callback=_finite),
-    warmup_ratio: float = typer.Option(0.1, min=0.0, max=0.99, callback=_finite),
-    eval_steps: int = typer.Option(20, min=1),
-    train_examples: Optional[int] = typer.Option(None, min=1),
-    eval_examples: int = typer.Option(100, min=1),
-    test_examples: int = typer.Option(300, min=1),
-    max_length: int = typer.Option(128, min=8),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1),
-    gradient_checkpointing: bool = typer.Option(False),
-    load_in_4bit: bool = typer.Option(False, help="NF4 base (bitsandbytes), QLoRA style"),
+    output_dir: str = typer.Option(_default("output_dir"), help="run folder"),
+    overwrite: bool = typer.Option(False, help="delete a previous run in --output-dir first"),
     resume: bool = typer.Option(False, help="resume from the run folder's last checkpoint"),
+    method: str = typer.Option(_default("method"), help="mos, or lora for a PEFT LoRA run with the same settings"),
+    targets: str = typer.Option(_default_targets(), help="comma-separated suffixes, all-linear, or re:<regex>"),
+    rank: int = typer.Option(_default("rank"), min=1, help="per-layer rank r"),
+    budget_rank: int = typer.Option(_default("budget_rank"), min=1,
+                                    help="LoRA rank e whose parameter count MoS matches"),
+    shards_per_vector: int = typer.Option(_default("shards_per_vector"), min=1,
+                                          help="l: shards per rank vector (vector sharding)"),
+    private_rank: int = typer.Option(_default("private_rank"), min=0,
+                                     help="p: private ranks per layer (shard privatization)"),
+    subset_selection: bool = typer.Option(_default("subset_selection"),
+                                          help="route each layer to its own subset of the pool"),
+    pair_dissociation: bool = typer.Option(_default("pair_dissociation"),
+                                           help="route A and B shards independently"),
+    alpha: float = typer.Option(_default("alpha"), min=0.0, callback=_finite,
+                                help="update scale numerator (alpha / rank)"),
+    dropout: float = typer.Option(_default("dropout"), min=0.0, max=0.99, callback=_finite,
+                                  help="dropout on the adapter's input"),
+    init: str = typer.Option(_default("init"), help="kaiming | gaussian (initialisation of the A side)"),
+    max_steps: int = typer.Option(_default("max_steps"), min=1, help="optimizer steps to train"),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="examples per step and device"),
+    grad_accum: int = typer.Option(_default("grad_accum"), min=1,
+                                   help="batches accumulated into one optimizer step"),
+    learning_rate: float = typer.Option(_default("learning_rate"), min=0.0, max=1.0, callback=_finite,
+                                        help="peak AdamW learning rate"),
+    lr_scheduler: str = typer.Option(_default("lr_scheduler"),
+                                     help="learning-rate schedule: " + " | ".join(LR_SCHEDULERS)),
+    warmup_ratio: float = typer.Option(_default("warmup_ratio"), min=0.0, max=0.99, callback=_finite,
+                                       help="fraction of the steps spent warming up"),
+    weight_decay: float = typer.Option(_default("weight_decay"), min=0.0, callback=_finite,
+                                       help="AdamW weight decay"),
+    max_grad_norm: float = typer.Option(_default("max_grad_norm"), min=0.0, callback=_finite,
+                                        help="gradient clipping norm"),
+    eval_steps: int = typer.Option(_default("eval_steps"), min=1, help="evaluate every N steps"),
+    save_steps: Optional[int] = typer.Option(None, min=1, help="checkpoint every N steps, a multiple "
+                                                              "of --eval-steps [default: --eval-steps]"),
+    logging_steps: int = typer.Option(_default("logging_steps"), min=1,
+                                      help="log (and show) the training loss every N steps"),
+    train_examples: Optional[int] = typer.Option(None, min=1, help="cap on training examples [default: all]"),
+    eval_examples: int = typer.Option(_default("eval_examples"), min=1,
+                                      help="validation examples scored at each evaluation"),
+    test_examples: int = typer.Option(_default("test_examples"), min=1,
+                                      help="test examples scored after training"),
+    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example (prompt cut first)"),
+    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1,
+                             help="seeds the splits, the routing and the training"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
+                                        help="compute in bfloat16 (needs a GPU that supports it) "
+                                             "[default: when supported]"),
+    gradient_checkpointing: bool = typer.Option(_default("gradient_checkpointing"),
+                                                help="recompute activations to save memory"),
+    load_in_4bit: bool = typer.Option(_default("load_in_4bit"), help="NF4 base (bitsandbytes), QLoRA style"),
 ) -> None:
     """Fine-tune an adapter on a task; writes adapter, metrics.json, config.json, loss.png."""
-    from .config import MoSConfig
-    from .train import TrainConfig
     from .train import train as run
 
     with _usage_errors():
@@ -115,14 +167,18 @@ def train(
                         shards_per_vector=shards_per_vector, private_rank=private_rank,
                         subset_selection=subset_selection, pair_dissociation=pair_dissociation,
                         alpha=alpha, dropout=dropout, init=init, seed=seed)
-        cfg = TrainConfig(model=model, task=task, method=method, mos=mos, output_dir=output_dir,
-                          max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                          learning_rate=learning_rate, warmup_ratio=warmup_ratio, eval_steps=eval_steps,
-                          train_examples=train_examples, eval_examples=eval_examples,
-                          test_examples=test_examples, max_length=max_length, seed=seed,
+        cfg = TrainConfig(model=model, task=task, eval_file=eval_file, method=method, mos=mos,
+                          output_dir=output_dir, max_steps=max_steps, batch_size=batch_size,
+                          grad_accum=grad_accum, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
+                          warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm, eval_steps=eval_steps, save_steps=save_steps,
+                          logging_steps=logging_steps, train_examples=train_examples,
+                          eval_examples=eval_examples, test_examples=test_examples,
+                          max_length=max_length, seed=seed, bf16=bf16,
                           gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit,
-                          resume=resume)
-    result = run(cfg)
+                          resume=resume, overwrite=overwrite)
+    with _config_errors():  # the run checks data and fit before loading the model
+        result = run(cfg)
     typer.echo(json.dumps(result.metrics, indent=2, default=str))
 
 
