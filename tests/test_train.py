@@ -184,3 +184,24 @@ def test_nan_loss_stops_training_and_keeps_good_checkpoints(tmp_path, tokenizer)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1; last good checkpoint: none"):
         train(tiny_config(tmp_path / "nan"), base=base, tokenizer=tokenizer)
     assert not list((tmp_path / "nan").rglob("adapter_model.safetensors"))
+
+
+def test_the_progress_bar_shows_the_current_steps_loss_and_the_eval_loss():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from moslora.train import RichProgress
+
+    bar = RichProgress(console=Console(file=io.StringIO()))
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=3, global_step=0)
+    bar.on_train_begin(None, state, None)
+    for step, loss in ((1, 2.5), (2, 1.25)):
+        state.global_step = step
+        bar.on_step_end(None, state, None)  # the Trainer ends the step, then logs its loss
+        bar.on_log(None, state, None, logs={"loss": loss})
+        assert bar.progress.tasks[0].fields["loss"] == f"{loss:.4f}"
+    bar.on_log(None, state, None, logs={"eval_loss": 0.75})
+    assert bar.progress.tasks[0].fields["eval_loss"] == "0.7500"
+    bar.on_train_end(None, state, None)

@@ -272,11 +272,12 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class RichProgress(TrainerCallback):
-    """A rich progress bar: step, loss, seconds per step, ETA."""
+    """A rich progress bar: step, the latest training and evaluation loss, seconds per step, ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None) -> None:
+        self.console = console  # a rich Console; None draws on the terminal
         self.progress: Progress | None = None
-        self.loss = float("nan")
+        self.fields = {"loss": "-", "eval_loss": "-", "sps": 0.0}
         self.started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -284,23 +285,28 @@ class RichProgress(TrainerCallback):
             return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} s/step"),
-            TimeRemainingColumn())
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval loss {task.fields[eval_loss]}"),
+            TextColumn("{task.fields[sps]:.2f} s/step"), TimeRemainingColumn(), console=self.console)
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss=float("nan"), sps=0.0)
+                                           **self.fields)
         self.started, self.first_step = time.perf_counter(), state.global_step
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is not None and logs and "loss" in logs:
-            self.loss = logs["loss"]
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
+        if self.progress is not None:
+            done = max(1, state.global_step - self.first_step)
+            self.fields["sps"] = (time.perf_counter() - self.started) / done
+            self.progress.update(self.task, completed=state.global_step, **self.fields)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the Trainer logs a step's loss after that step's on_step_end: updating the bar only
+        # there would show the previous step's loss
+        if self.progress is None or not logs:
             return
-        done = max(1, state.global_step - self.first_step)
-        self.progress.update(self.task, completed=state.global_step, loss=self.loss,
-                             sps=(time.perf_counter() - self.started) / done)
+        for key in ("loss", "eval_loss"):
+            if key in logs:
+                self.fields[key] = f"{logs[key]:.4f}"
+        self.progress.update(self.task, completed=state.global_step, **self.fields)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
