@@ -43,6 +43,10 @@ def test_run_folder_has_adapter_metrics_config_and_plot(tmp_path, tokenizer):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["steps"] == 6
+    assert [step for step, _ in metrics["train_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in metrics["eval_loss"]] == [3, 6]
+    assert metrics["examples"] == {"train": 16, "validation": 4, "test": 4}
+    assert metrics["task_path"] is None  # a built-in task
     assert metrics["trainable_params"] == result.model.trainable_parameters() == 2 * 2 * (32 + 32) + 2 * 2 * (32 + 16)  # L · e · (d_in + d_out)
     assert json.loads((run / "config.json").read_text())["mos"]["rank"] == 4
     # checkpoints hold the compact adapter, not the frozen base
@@ -144,8 +148,10 @@ def test_eval_cli_with_a_local_model_and_adapter(tmp_path, tokenizer):
     out = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "base"), "--adapter",
                                    str(tmp_path / "run/adapter"), "--examples", "4"])
     assert out.exit_code == 0, out.output
-    report = out.output[out.output.rindex("{"):]  # after any progress lines
-    assert 0 <= json.loads(report)["accuracy"] <= 1
+    report = json.loads(out.output[out.output.rindex("{"):])  # after any progress lines
+    assert 0 <= report["accuracy"] <= 1
+    assert report["task"] == "sentiment" and report["examples"] == 4
+    assert report["adapter"] == str(tmp_path / "run/adapter")
 
 
 def test_twenty_steps_on_the_default_model_lower_the_loss(tmp_path):
@@ -205,3 +211,22 @@ def test_the_progress_bar_shows_the_current_steps_loss_and_the_eval_loss():
     bar.on_log(None, state, None, logs={"eval_loss": 0.75})
     assert bar.progress.tasks[0].fields["eval_loss"] == "0.7500"
     bar.on_train_end(None, state, None)
+
+
+def test_the_loss_plot_has_a_title_and_whole_steps():
+    from moslora.train import loss_figure
+
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)] + [{"step": 3, "eval_loss": 0.5}]
+    ax = loss_figure(history, "mos on sentiment").axes[0]
+    assert ax.get_title() == "mos on sentiment"
+    ax.figure.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_a_task_file_is_recorded_by_its_absolute_path(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(30)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines))
+    result = train(tiny_config("run", task="mine.jsonl", max_steps=2, eval_steps=2), base=tiny_base(tokenizer),
+                   tokenizer=tokenizer)
+    assert result.metrics["task_path"] == str(tmp_path / "mine.jsonl")

@@ -13,11 +13,35 @@ import typer
 from .config import ConfigError, MoSConfig
 from .train_config import LR_SCHEDULERS, TrainConfig
 
+_HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, context_settings=_HELP)
 
-# options read as paths that must exist: checked before any model is loaded
-_ADAPTER_DIR = dict(exists=True, file_okay=False, dir_okay=True, resolve_path=True)
+
+def _adapter_dir(value: Optional[Path]) -> Optional[Path]:
+    """An adapter option names a directory; a file (say, its safetensors) gets told so."""
+    if value is not None and value.is_file():
+        raise typer.BadParameter(f"{value} is a file; pass the adapter's directory (the folder "
+                                 "that holds adapter_config.json)")
+    return value
+
+
+# adapter paths must exist: checked before any model is loaded
+_ADAPTER_DIR = dict(exists=True, resolve_path=True, callback=_adapter_dir)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"moslora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export."""
 
 
 def _option(field: str) -> str:
@@ -185,37 +209,110 @@ def train(
 @app.command("eval")
 def evaluate_cmd(
     task: str = typer.Option("sentiment", callback=_task, help="task name or .jsonl/.csv file"),
-    model: Optional[str] = typer.Option(None, callback=_model, help="base model (default: embedded SmolLM2)"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="base model [default: the adapter's recorded base, else "
+                                             "the embedded SmolLM2]"),
     adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
                                            help="an MoS adapter or exported PEFT LoRA directory"),
     examples: int = typer.Option(300, min=1, help="test examples to score"),
-    max_length: int = typer.Option(128, min=8),
-    batch_size: int = typer.Option(8, min=1),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="split seed (as in training)"),
+    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example"),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="examples per forward pass"),
+    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1, help="split seed (as in training)"),
 ) -> None:
     """Evaluate a base model, with or without an adapter, on a task's test split."""
-    from .checkpoint import read_adapter_config
     from .data import Task, evaluate, load_task
-    from .train import load_base
 
-    if adapter and not _is_peft(adapter):
-        with _usage_errors("--adapter"):
-            read_adapter_config(adapter)  # a broken adapter is reported before the base loads
-    base, tokenizer = load_base(model)
-    with _usage_errors("--adapter"):
-        net = attach_adapter(base, adapter) if adapter else base
+    net, tokenizer, base = _load_model(adapter, model)
     task_data = load_task(task, seed=seed)
     test = Task(task_data.name, [], [], task_data.test[:examples], task_data.label_words)
-    typer.echo(json.dumps(evaluate(net, tokenizer, test, "test", max_length, batch_size), indent=2))
+    scores = evaluate(net, tokenizer, test, "test", max_length, batch_size)
+    typer.echo(json.dumps({"task": task_data.name, "task_path": _task_path(task),
+                           "examples": len(test.test), "model": base or "smollm2",
+                           "adapter": str(adapter) if adapter else None, **scores}, indent=2))
+
+
+def _task_path(task: str) -> Optional[str]:
+    """A task file's absolute path (None for a built-in task)."""
+    from .data import TASKS
+
+    return None if task in TASKS else str(Path(task).resolve())
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="the user's message (sent through the chat template)"),
+    adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
+                                           help="an MoS adapter or exported PEFT LoRA directory "
+                                                "[default: none, the base alone]"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="base model [default: the adapter's recorded base, else "
+                                             "the embedded SmolLM2]"),
+    max_new_tokens: int = typer.Option(64, min=1, max=4096, help="tokens to generate at most"),
+) -> None:
+    """Answer one prompt with a base model and, optionally, an adapter (greedy decoding)."""
+    import torch
+
+    from .data import Example, format_example
+
+    net, tokenizer, _ = _load_model(adapter, model)
+    text, _ = format_example(tokenizer, Example(prompt, ""), end_turn=False)
+    templated = bool(tokenizer.chat_template)  # a template writes its own special tokens
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        out = net.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    typer.echo(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of an MoS or PEFT adapter as a dict ({} when unreadable: the MoS
+    loader then explains what is wrong)."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _is_peft(path: Path) -> bool:
     """Whether ``path`` holds a PEFT adapter (its config names a ``peft_type``)."""
-    config = path / "adapter_config.json"
+    return "peft_type" in _read_config(path)
+
+
+def _adapter_base(adapter: Optional[Path], model: Optional[str]) -> Optional[str]:
+    """``--model`` if given, else the base the adapter records, else None (the default)."""
+    if model is not None or adapter is None:
+        return model
+    recorded = _read_config(adapter).get("base_model_name_or_path")
+    if recorded is None:
+        return None
+    from .train_config import check_model
+
     try:
-        return config.is_file() and "peft_type" in json.loads(config.read_text())
-    except (ValueError, TypeError):  # not JSON, or not an object: the MoS loader explains
-        return False
+        check_model(recorded)
+    except ConfigError:
+        raise typer.BadParameter(f"the adapter {adapter} was trained on {recorded!r}, which is not "
+                                 "here; pass that base with --model", param_hint="'--model'") from None
+    return recorded
+
+
+def _load_model(adapter: Optional[Path], model: Optional[str]):
+    """(model with the adapter attached if any, tokenizer, the base's name) for ``adapter``'s base.
+
+    An MoS adapter is checked before the base loads, so a broken one costs no loading time.
+    """
+    from .checkpoint import read_adapter_config
+    from .train import load_base
+
+    if adapter and not _is_peft(adapter):
+        with _usage_errors("'--adapter'"):
+            read_adapter_config(adapter)
+    base_name = _adapter_base(adapter, model)
+    base, tokenizer = load_base(base_name)
+    with _usage_errors("'--adapter'"):
+        net = attach_adapter(base, adapter) if adapter else base
+    return net, tokenizer, base_name
 
 
 def attach_adapter(base, path: Path):
@@ -230,16 +327,53 @@ def attach_adapter(base, path: Path):
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory")) -> None:
-    """What an adapter holds: config, kinds, base fingerprint, size on disk."""
-    from .checkpoint import read_adapter_config
+def info(
+    path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
+    as_json: bool = typer.Option(False, "--json", help="print everything the adapter records, as JSON"),
+) -> None:
+    """What an adapter holds (parameters, size, base, format) and whether its weights are intact.
+
+    Exits with code 1 when the weights are corrupt.
+    """
+    from .checkpoint import CheckpointError, read_adapter_config, verify_adapter
 
     with _usage_errors("path"):
         header = read_adapter_config(path)
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    typer.echo(json.dumps({"config": header["config"], "kinds": header.get("kinds"),
-                           "base_architecture": header["base_fingerprint"].get("architecture"),
-                           "bytes_on_disk": size}, indent=2))
+    try:
+        header, problem = verify_adapter(path), None
+    except CheckpointError as err:
+        problem = str(err)
+    summary = {**header, "path": str(path), "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir()
+                                                                  if f.is_file()),
+               "integrity": problem or "ok"}
+    typer.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
+    if problem:
+        raise typer.Exit(code=1)
+
+
+def _info_text(summary: dict[str, Any]) -> str:
+    """The lines of ``moslora info``: what a user asks of an adapter first."""
+    cfg, kinds = summary["config"], summary.get("kinds") or {}
+    layers = sum(len(k.get("layers", ())) for k in kinds.values())
+    lora = sum(len(k["layers"]) * cfg["rank"] * (k["d_in"] + k["d_out"]) for k in kinds.values())
+    parameters = (f"{summary['parameters']:,} trainable (LoRA at the same rank r={cfg['rank']}: {lora:,})"
+                  if "parameters" in summary else "unknown (the weights cannot be read)")
+    targets = cfg["target_modules"]
+    rows = [
+        ("adapter", summary["path"]),
+        ("format", f"{summary['format']} version {summary['format_version']}"),
+        ("base", f"{summary['base_fingerprint'].get('architecture')}, "
+                 f"{summary.get('base_model_name_or_path') or 'path not recorded'}"),
+        ("targets", f"{', '.join(targets) if isinstance(targets, list) else targets} "
+                    f"({len(kinds)} kinds, {layers} layers)"),
+        ("rank", f"r={cfg['rank']} at the budget of LoRA e={cfg['budget_rank']} "
+                 f"(shards per vector {cfg['shards_per_vector']}, private rank {cfg['private_rank']})"),
+        ("parameters", parameters),
+        ("size", f"{summary['bytes_on_disk']:,} bytes on disk"),
+        ("integrity", summary["integrity"] if summary["integrity"] != "ok"
+         else "ok (checksum, tensor names, shapes, dtypes, finite values, routing indices)"),
+    ]
+    return "\n".join(f"{name:<11} {value}" for name, value in rows)
 
 
 def _load_mos(adapter: Path, model: Optional[str]):
@@ -250,7 +384,7 @@ def _load_mos(adapter: Path, model: Optional[str]):
 
     with _usage_errors("adapter"):
         read_adapter_config(adapter)  # a broken adapter is reported before the base loads
-    base, tokenizer = load_base(model)
+    base, tokenizer = load_base(_adapter_base(adapter, model))
     with _usage_errors("adapter"):
         return MoSModel.from_pretrained(base, adapter), tokenizer
 
@@ -281,7 +415,8 @@ def merge(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
     out_dir: Path = typer.Argument(..., help="a new directory for the merged model"),
     model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model (default: embedded SmolLM2)"),
+                                        help="the adapter's base model [default: the one it records, "
+                                             "else the embedded SmolLM2]"),
     dtype: str = typer.Option("float32", callback=_dtype, help="dtype of the saved weights: "
                               + ", ".join(_DTYPES)),
     overwrite: bool = _OVERWRITE,
@@ -307,7 +442,8 @@ def export_peft(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
     out_dir: Path = typer.Argument(..., help="a new directory for the PEFT LoRA adapter"),
     model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model (default: embedded SmolLM2)"),
+                                        help="the adapter's base model [default: the one it records, "
+                                             "else the embedded SmolLM2]"),
     overwrite: bool = _OVERWRITE,
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
@@ -323,10 +459,12 @@ def export_peft(
 def serve(
     adapters: Path = typer.Option(..., **_ADAPTER_DIR,
                                   help="root directory of MoS adapters (each subdirectory is one)"),
-    base: Optional[str] = typer.Option(None, callback=_model,
-                                       help="local HF folder or .gguf file (default: embedded SmolLM2)"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000, min=1, max=65535),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="local HF folder or .gguf file (default: embedded SmolLM2)"),
+    base: Optional[str] = typer.Option(None, callback=_model, hidden=True,
+                                       help="deprecated name of --model"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port to listen on"),
     api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
     max_batch: int = typer.Option(16, min=1, help="rows per batched forward"),
@@ -343,6 +481,12 @@ def serve(
     """Serve every adapter under --adapters over HTTP (OpenAI-style /v1/completions)."""
     from .serving.server import ApiKeys, Limits, load_server
 
+    if base is not None:
+        if model is not None:
+            raise typer.BadParameter("pass --model only (--base is its old name)", param_hint="'--base'")
+        typer.echo("warning: --base is deprecated; use --model", err=True)
+        model = base
+
     try:
         keys = ApiKeys.load(api_keys)
     except ValueError as err:  # not JSON, or not an object of non-empty keys
@@ -352,7 +496,7 @@ def serve(
                     request_timeout=request_timeout)
     import uvicorn
 
-    server = load_server(base, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
+    server = load_server(model, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
                          queue_size=queue_size, limits=limits)
     uvicorn.run(server, host=host, port=port)
 
@@ -361,7 +505,7 @@ def serve(
 def demo(
     steps: int = typer.Option(60, min=1, help="fine-tuning steps"),
     test_examples: int = typer.Option(300, min=1, help="test reviews scored before and after"),
-    output_dir: str = typer.Option("runs/demo"),
+    output_dir: str = typer.Option("runs/demo", help="run folder (a previous demo there is replaced)"),
 ) -> None:
     """Fine-tune the embedded SmolLM2 with MoS on sentiment: accuracy before -> after, vs LoRA."""
     from .demo import run_finetune_demo
@@ -420,7 +564,9 @@ def bench_speed(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
 
 
 @bench_app.command("report")
-def bench_report(results: Path = _RESULTS, readme: Path = typer.Option(Path("README.md"))) -> None:
+def bench_report(results: Path = _RESULTS,
+                 readme: Path = typer.Option(Path("README.md"), help="the README whose Results section "
+                                                                     "is rewritten")) -> None:
     """Redraw the plots and the README's Results section from the JSON in --results."""
     from .bench import report
 

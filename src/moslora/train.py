@@ -403,13 +403,20 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     adapter_dir = run_dir / "adapter"
     test = evaluate(model, tokenizer, Task(task.name, [], [], task.test[:cfg.test_examples],
                                            task.label_words), "test", cfg.max_length, cfg.batch_size)
+    history = trainer.state.log_history
     metrics = {
         "method": cfg.method,
         "task": cfg.task,
+        "task_path": str(Path(cfg.task).resolve()) if Path(cfg.task).suffix else None,
+        "eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
         **{f"test_{k}": v for k, v in test.items()},
+        "examples": {"train": len(trainer.train_dataset), "validation": len(trainer.eval_dataset),
+                     "test": len(task.test[:cfg.test_examples])},
         "trainable_params": trainable_parameters(model),
         "steps": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "eval_loss": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
     }
     if trainer.is_world_process_zero():  # under DDP every rank holds the same adapter
         model.save_pretrained(adapter_dir)
@@ -417,7 +424,7 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
         metrics["seconds"] = time.perf_counter() - started
         _write_json(run_dir / "metrics.json", metrics)
         _write_json(run_dir / "config.json", _config_dict(cfg))
-        plot_losses(trainer.state.log_history, run_dir / "loss.png")
+        plot_losses(history, run_dir / "loss.png", f"{cfg.method} on {task.name}")
     return TrainResult(metrics, adapter_dir, model, tokenizer, task)
 
 
@@ -451,12 +458,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
-def plot_losses(log_history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and validation loss per evaluation, to a PNG."""
+def loss_figure(log_history: list[dict[str, Any]], title: str):
+    """A matplotlib figure of the training loss per step and the validation loss per evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     valid = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
@@ -464,9 +472,19 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> None:
     for points, label, style in ((train, "train", "-"), (valid, "validation", "o-")):
         if points:
             ax.plot(*zip(*points), style, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """``loss_figure`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(log_history, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
