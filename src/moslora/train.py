@@ -117,7 +117,7 @@ def check_fit(cfg: TrainConfig, base: nn.Module) -> None:
 def load_run_task(cfg: TrainConfig) -> Task:
     """``cfg``'s task (with its ``eval_file``), a data error raised as a ``ConfigError``."""
     try:
-        return load_task(cfg.task, seed=cfg.seed)
+        return load_task(cfg.task, seed=cfg.seed, eval_file=cfg.eval_file)
     except ValueError as err:
         raise ConfigError("task", str(err)) from None
 
