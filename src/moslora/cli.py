@@ -320,7 +320,10 @@ def attach_adapter(base, path: Path):
     if _is_peft(path):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, path)
+        from .noise import peft_calls
+
+        with peft_calls():
+            return PeftModel.from_pretrained(base, path)
     from .model import MoSModel
 
     return MoSModel.from_pretrained(base, path)

@@ -44,6 +44,7 @@ from .checkpoint import load_adapter_weights
 from .config import ConfigError, MoSConfig, solve_pools
 from .data import Task, collate, evaluate, load_task, tokenize_example
 from .model import MoSModel, find_targets, get_mos_model, group_kinds
+from .noise import no_loading_bars, peft_calls
 # re-exported: moslora.train is where users import the run's config from
 from .train_config import (CHECKPOINT_PREFIX, RUN_OUTPUTS, TRAINER_STATE_NAME, Method, TrainConfig,
                            bf16_supported, checkpoint_dir, last_checkpoint, resume_checkpoint)
@@ -82,7 +83,8 @@ def load_base(model: str | None, load_in_4bit: bool = False,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with no_loading_bars():
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if torch.cuda.is_available() and not load_in_4bit:
         base = base.cuda()
     return base, tokenizer
@@ -128,9 +130,10 @@ def wrap(base: nn.Module, method: Method, cfg: MoSConfig) -> nn.Module:
         return get_mos_model(base, cfg)
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(base, LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    with peft_calls():
+        return get_peft_model(base, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
 def trainable_parameters(model: nn.Module) -> int:
