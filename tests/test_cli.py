@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,16 +20,49 @@ def test_selfcheck_runs_and_reports_exactness():
     assert "NO" not in result.output.split()
 
 
-def test_info_describes_an_adapter(tmp_path):
+@pytest.fixture
+def adapter_dir(tmp_path):
     model = get_mos_model(tiny_llama(), MoSConfig(rank=3, budget_rank=2, private_rank=1))
     randomize_adapter(model)
     model.save_pretrained(tmp_path / "a")
-    result = runner.invoke(app, ["info", str(tmp_path / "a")])
+    return tmp_path / "a"
+
+
+def test_info_summarises_an_adapter(adapter_dir):
+    result = runner.invoke(app, ["info", str(adapter_dir)])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
-    assert info["config"]["rank"] == 3
-    assert info["base_architecture"] == "LlamaForCausalLM"
-    assert info["bytes_on_disk"] > 0
+    lines = dict(line.split(None, 1) for line in result.output.splitlines())
+    assert lines["format"] == "moslora version 1"
+    assert "trainable (LoRA at the same rank r=3" in lines["parameters"]
+    assert lines["base"] == "LlamaForCausalLM, path not recorded"
+    assert lines["integrity"].startswith("ok")
+    assert len(result.output.splitlines()) < 12
+    full = json.loads(runner.invoke(app, ["info", str(adapter_dir), "--json"]).output)
+    assert full["config"]["rank"] == 3 and full["format_version"] == 1
+    assert full["base_fingerprint"]["architecture"] == "LlamaForCausalLM"
+    assert full["parameters"] == sum(p.numel() for p in get_mos_model(
+        tiny_llama(), MoSConfig(rank=3, budget_rank=2, private_rank=1)).mos_pools.parameters())
+    assert full["bytes_on_disk"] > 0 and full["integrity"] == "ok"
+
+
+def test_info_reports_corrupt_weights_with_a_nonzero_exit(adapter_dir):
+    import os
+
+    from moslora.checkpoint import WEIGHTS_NAME
+
+    weights = adapter_dir / WEIGHTS_NAME
+    weights.write_bytes(os.urandom(weights.stat().st_size))
+    result = runner.invoke(app, ["info", str(adapter_dir)])
+    assert result.exit_code == 1, result.output
+    assert "does not match the checksum" in result.output
+
+
+def test_info_on_a_file_says_to_pass_the_directory(adapter_dir):
+    from moslora.checkpoint import WEIGHTS_NAME
+
+    result = runner.invoke(app, ["info", str(adapter_dir / WEIGHTS_NAME)])
+    assert result.exit_code == 2
+    assert "is a file; pass the adapter's directory" in flat(result.output)
 
 
 @pytest.fixture
@@ -77,6 +111,32 @@ def test_merge_never_overwrites_a_model(saved_base_and_adapter, tmp_path):
     assert (base / "model.safetensors").is_file()
 
 
+def test_export_peft_never_overwrites_an_adapter_without_overwrite(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base)])
+    assert result.exit_code == 2, result.output
+    assert "already exists and is not empty; pass --overwrite" in flat(result.output)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # the MoS adapter is intact
+    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base),
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "peft_type" in json.loads((other / "adapter_config.json").read_text())
+
+
+def test_merge_with_overwrite_replaces_the_whole_model(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model-00002-of-00002.safetensors").write_text("a shard of an older model")
+    result = runner.invoke(app, ["merge", str(adapter), str(out), "--model", str(base), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+
+
 def flat(output: str) -> str:
     """The CLI's output with the error box and line wrapping taken out."""
     return " ".join(output.replace("│", " ").split())
@@ -103,6 +163,8 @@ def paths(tmp_path):
     (tmp_path / "a.txt").write_text("not a directory")
     (tmp_path / "empty").mkdir()
     (tmp_path / "keys.json").write_text("[1, 2]")
+    (tmp_path / "previous-run").mkdir()
+    (tmp_path / "previous-run" / "metrics.json").write_text("{}")
     return tmp_path
 
 
@@ -130,6 +192,7 @@ BAD_OPTIONS = [
     (["train", "--model", "{tmp}/no-model"], "--model"),
     (["train", "--output-dir", "{tmp}/a.txt"], "--output-dir"),
     (["train", "--resume", "--output-dir", "{tmp}/empty"], "--resume"),
+    (["train", "--output-dir", "{tmp}/previous-run"], "--output-dir"),
     (["train", "--max-steps", "0"], "--max-steps"),
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--grad-accum", "0"], "--grad-accum"),
@@ -168,6 +231,7 @@ BAD_OPTIONS = [
     (["serve", "--adapters", "{tmp}/no-root"], "--adapters"),
     (["serve", "--adapters", "{tmp}/a.txt"], "--adapters"),
     (["serve", "--adapters", "{tmp}", "--base", "{tmp}/no-model"], "--base"),
+    (["serve", "--adapters", "{tmp}", "--model", "{tmp}/no-model"], "--model"),
     (["serve", "--adapters", "{tmp}", "--port", "0"], "--port"),
     (["serve", "--adapters", "{tmp}", "--port", "65536"], "--port"),
     (["serve", "--adapters", "{tmp}", "--api-keys", "{tmp}/no-keys.json"], "--api-keys"),
@@ -215,3 +279,148 @@ def test_messages_say_the_allowed_range(paths, no_model_loading):
              ("train", "--alpha", "inf"): "must be a finite number"}
     for args, words in cases.items():
         assert words in flat(runner.invoke(app, list(args)).output), args
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A tiny Llama's config.json alone: enough for every check made before loading."""
+    tiny_llama(layers=2).config.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def no_base_loading(monkeypatch):
+    import moslora.train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the run was checked")
+
+    monkeypatch.setattr(moslora.train, "load_base", reached)
+
+
+def test_train_reports_user_errors_in_one_line_before_loading_the_model(model_folder, tmp_path,
+                                                                        no_base_loading):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "a", "completion": "b"}\n{"question": "c"}\n')
+    (tmp_path / "no-config").mkdir()
+    cases = [
+        (["--task", str(bad_data)], "--task", "line 2: expected fields 'prompt' and 'completion'"),
+        (["--rank", "16", "--budget-rank", "2", "--private-rank", "1"], "--rank",
+         "the largest rank that fits is 3"),
+        (["--targets", "q_proj,qkv"], "--targets", "['qkv'] matched no module"),
+        (["--model", str(tmp_path / "no-config")], "--model", "has no config.json"),
+    ]
+    for args, option, words in cases:
+        model = [] if "--model" in args else ["--model", str(model_folder)]
+        result = runner.invoke(app, ["train", "--output-dir", str(tmp_path / "run"), *model, *args])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        out = flat(result.output)
+        assert f"Invalid value for '{option}'" in out or f"Invalid value for {option}" in out, out
+        assert words in out, out
+        assert "Traceback" not in result.output
+
+
+def _commands(group, prefix=()):
+    """(name path, click command) of every command under ``group``."""
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_every_option_has_help():
+    import typer.main
+
+    missing = [f"{' '.join(path)} {param.name}"
+               for path, command in _commands(typer.main.get_command(app))
+               for param in command.params
+               if not getattr(param, "hidden", False) and not (getattr(param, "help", None) or "").strip()]
+    assert not missing, missing
+
+
+def test_version_and_short_help():
+    from moslora import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"moslora {__version__}"
+    for args in (["-h"], ["train", "-h"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage" in result.output, args
+
+
+def test_train_option_defaults_come_from_the_config_dataclasses():
+    import typer.main
+
+    from moslora.train_config import TrainConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    mos = TrainConfig.__dataclass_fields__["mos"].default_factory()
+    assert params["rank"].default == mos.rank and params["alpha"].default == mos.alpha
+    assert params["targets"].default == ",".join(mos.target_modules)
+    for name in ("max_steps", "learning_rate", "weight_decay", "lr_scheduler", "logging_steps"):
+        assert params[name].default == TrainConfig.__dataclass_fields__[name].default, name
+
+
+@pytest.fixture
+def recorded_base(saved_base_and_adapter, tmp_path, monkeypatch):
+    """An adapter trained on the base folder loaded by a relative path: it records the base."""
+    from transformers import AutoModelForCausalLM
+
+    base, _, _ = saved_base_and_adapter
+    monkeypatch.chdir(tmp_path)
+    model = get_mos_model(AutoModelForCausalLM.from_pretrained("base"),
+                          MoSConfig(rank=3, budget_rank=2, private_rank=1))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "recorded")
+    return base, tmp_path / "recorded"
+
+
+def test_the_adapter_records_its_base_and_merge_and_export_use_it(recorded_base, tmp_path):
+    base, adapter = recorded_base
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "merged")])  # no --model
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export-peft", str(adapter), str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    peft = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert peft["base_model_name_or_path"] == str(base)
+
+
+def test_a_missing_or_wrong_base_is_named(recorded_base, tmp_path):
+    base, adapter = recorded_base
+    moved = tmp_path / "moved-base"
+    base.rename(moved)
+    result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert f"was trained on '{base}', which is not here; pass that base with --model" in flat(result.output)
+    tiny_llama(layers=2).save_pretrained(tmp_path / "other")
+    shutil.copy(moved / "tokenizer.json", tmp_path / "other")
+    shutil.copy(moved / "tokenizer_config.json", tmp_path / "other")
+    result = runner.invoke(app, ["merge", str(adapter), str(tmp_path / "m"), "--model", str(tmp_path / "other")])
+    assert result.exit_code == 2
+    assert f"(it was trained on {base})" in flat(result.output)
+
+
+def test_generate_answers_a_prompt_with_an_adapter(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from moslora.assets import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 vocab_size=len(tokenizer))).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = get_mos_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          MoSConfig(rank=3, budget_rank=2, private_rank=1))
+    model.save_pretrained(tmp_path / "adapter")
+    result = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "Hello",
+                                 "--max-new-tokens", "3"])  # the adapter names its base
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()

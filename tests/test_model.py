@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -195,3 +196,25 @@ def test_4bit_base_trains():
         assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
         absmax = layer.base_layer.weight.quant_state.absmax.max().item()
         assert 0 < layer.merge_error <= 0.15 * absmax  # NF4's half-gap of a block's absmax
+
+
+def test_a_budget_above_the_rank_warns(llama):
+    with pytest.warns(UserWarning, match="budget_rank=8 > rank=4: the adapter trains as many parameters"):
+        get_mos_model(llama, MoSConfig(rank=4, budget_rank=8))
+
+
+def test_a_budget_below_the_rank_does_not_warn(llama):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_mos_model(llama, MoSConfig(rank=4, budget_rank=2))
+
+
+def test_loading_onto_a_base_wrapped_in_place_says_so(llama, tmp_path):
+    from moslora import MoSModel
+
+    model = get_mos_model(llama, MoSConfig(rank=3, budget_rank=2))
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="already carries an MoS adapter: get_mos_model and "
+                                         "MoSModel.from_pretrained wrap the base model in place"):
+        MoSModel.from_pretrained(llama, tmp_path / "a")
+    MoSModel.from_pretrained(tiny_llama(), tmp_path / "a")  # a fresh base takes it

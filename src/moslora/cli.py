@@ -5,18 +5,44 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
 
-from .config import ConfigError
+from .config import ConfigError, MoSConfig
+from .train_config import LR_SCHEDULERS, TrainConfig
 
+_HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, context_settings=_HELP)
 
-# options read as paths that must exist: checked before any model is loaded
-_ADAPTER_DIR = dict(exists=True, file_okay=False, dir_okay=True, resolve_path=True)
+
+def _adapter_dir(value: Optional[Path]) -> Optional[Path]:
+    """An adapter option names a directory; a file (say, its safetensors) gets told so."""
+    if value is not None and value.is_file():
+        raise typer.BadParameter(f"{value} is a file; pass the adapter's directory (the folder "
+                                 "that holds adapter_config.json)")
+    return value
+
+
+# adapter paths must exist: checked before any model is loaded
+_ADAPTER_DIR = dict(exists=True, resolve_path=True, callback=_adapter_dir)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"moslora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export."""
 
 
 def _option(field: str) -> str:
@@ -25,16 +51,24 @@ def _option(field: str) -> str:
 
 
 @contextmanager
-def _usage_errors(hint: str | None = None) -> Iterator[None]:
-    """Report a config or adapter error as a usage error naming the option (exit code 2)."""
-    from .checkpoint import CheckpointError
-
+def _config_errors(hint: str | None = None) -> Iterator[None]:
+    """Report a ``ConfigError`` as a usage error naming the option (exit code 2)."""
     try:
         yield
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint=hint or _option(err.field)) from None
-    except (CheckpointError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err), param_hint=hint) from None
+
+
+@contextmanager
+def _usage_errors(hint: str | None = None) -> Iterator[None]:
+    """Report a config or adapter error as a usage error naming the option (exit code 2)."""
+    from .checkpoint import CheckpointError
+
+    with _config_errors(hint):
+        try:
+            yield
+        except (CheckpointError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 def _finite(value: float) -> float:
@@ -53,11 +87,12 @@ def _task(value: str) -> str:
 
 
 def _checked(check: str, value: Any) -> Any:
-    """Run ``moslora.train.<check>`` on an option's value in its callback (click names the option)."""
-    from . import train  # here, not at the top: it imports torch, and --help should stay fast
+    """Run ``moslora.train_config.<check>`` on an option's value in its callback (click names the
+    option)."""
+    from . import train_config
 
     try:
-        getattr(train, check)(value)
+        getattr(train_config, check)(value)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     return value
@@ -72,42 +107,84 @@ def _targets(value: str) -> list[str] | str:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+def _default(field: str) -> Any:
+    """The default of ``TrainConfig.<field>``, or of the default adapter's ``MoSConfig.<field>``:
+    the options show the library's defaults instead of repeating them."""
+    fields = TrainConfig.__dataclass_fields__
+    if field in fields:
+        return fields[field].default
+    return getattr(fields["mos"].default_factory(), field)
+
+
+def _default_targets() -> str:
+    targets = _default("target_modules")
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
 @app.command()
 def train(
-    task: str = typer.Option("sentiment", help="sentiment | party | hamlet | chat, or a .jsonl/.csv file"),
+    task: str = typer.Option(_default("task"),
+                             help="sentiment | party | hamlet | chat, or a .jsonl/.csv file"),
+    eval_file: Optional[str] = typer.Option(None, help="a .jsonl/.csv file to validate and test on "
+                                                       "(then every example of --task trains)"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
-    output_dir: str = typer.Option("runs/default", help="run folder"),
-    method: str = typer.Option("mos", help="mos, or lora for a PEFT LoRA run with the same settings"),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                                help="comma-separated suffixes, all-linear, or re:<regex>"),
-    rank: int = typer.Option(16, min=1, help="per-layer rank r"),
-    budget_rank: int = typer.Option(2, min=1, help="LoRA rank e whose parameter count MoS matches"),
-    shards_per_vector: int = typer.Option(2, min=1, help="l: shards per rank vector (vector sharding)"),
-    private_rank: int = typer.Option(1, min=0, help="p: private ranks per layer (shard privatization)"),
-    subset_selection: bool = typer.Option(True, help="route each layer to its own subset of the pool"),
-    pair_dissociation: bool = typer.Option(True, help="route A and B shards independently"),
-    alpha: float = typer.Option(32.0, min=0.0, callback=_finite, help="update scale numerator (alpha / rank)"),
-    dropout: float = typer.Option(0.0, min=0.0, max=0.99, callback=_finite),
-    init: str = typer.Option("kaiming", help="kaiming | gaussian"),
-    max_steps: int = typer.Option(60, min=1),
-    batch_size: int = typer.Option(8, min=1),
-    grad_accum: int = typer.Option(1, min=1),
-    learning_rate: float = typer.Option(2e-3, min=0.0, max=1.0, callback=_finite),
-    warmup_ratio: float = typer.Option(0.1, min=0.0, max=0.99, callback=_finite),
-    eval_steps: int = typer.Option(20, min=1),
-    train_examples: Optional[int] = typer.Option(None, min=1),
-    eval_examples: int = typer.Option(100, min=1),
-    test_examples: int = typer.Option(300, min=1),
-    max_length: int = typer.Option(128, min=8),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1),
-    gradient_checkpointing: bool = typer.Option(False),
-    load_in_4bit: bool = typer.Option(False, help="NF4 base (bitsandbytes), QLoRA style"),
+    output_dir: str = typer.Option(_default("output_dir"), help="run folder"),
+    overwrite: bool = typer.Option(False, help="delete a previous run in --output-dir first"),
     resume: bool = typer.Option(False, help="resume from the run folder's last checkpoint"),
+    method: str = typer.Option(_default("method"), help="mos, or lora for a PEFT LoRA run with the same settings"),
+    targets: str = typer.Option(_default_targets(), help="comma-separated suffixes, all-linear, or re:<regex>"),
+    rank: int = typer.Option(_default("rank"), min=1, help="per-layer rank r"),
+    budget_rank: int = typer.Option(_default("budget_rank"), min=1,
+                                    help="LoRA rank e whose parameter count MoS matches"),
+    shards_per_vector: int = typer.Option(_default("shards_per_vector"), min=1,
+                                          help="l: shards per rank vector (vector sharding)"),
+    private_rank: int = typer.Option(_default("private_rank"), min=0,
+                                     help="p: private ranks per layer (shard privatization)"),
+    subset_selection: bool = typer.Option(_default("subset_selection"),
+                                          help="route each layer to its own subset of the pool"),
+    pair_dissociation: bool = typer.Option(_default("pair_dissociation"),
+                                           help="route A and B shards independently"),
+    alpha: float = typer.Option(_default("alpha"), min=0.0, callback=_finite,
+                                help="update scale numerator (alpha / rank)"),
+    dropout: float = typer.Option(_default("dropout"), min=0.0, max=0.99, callback=_finite,
+                                  help="dropout on the adapter's input"),
+    init: str = typer.Option(_default("init"), help="kaiming | gaussian (initialisation of the A side)"),
+    max_steps: int = typer.Option(_default("max_steps"), min=1, help="optimizer steps to train"),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="examples per step and device"),
+    grad_accum: int = typer.Option(_default("grad_accum"), min=1,
+                                   help="batches accumulated into one optimizer step"),
+    learning_rate: float = typer.Option(_default("learning_rate"), min=0.0, max=1.0, callback=_finite,
+                                        help="peak AdamW learning rate"),
+    lr_scheduler: str = typer.Option(_default("lr_scheduler"),
+                                     help="learning-rate schedule: " + " | ".join(LR_SCHEDULERS)),
+    warmup_ratio: float = typer.Option(_default("warmup_ratio"), min=0.0, max=0.99, callback=_finite,
+                                       help="fraction of the steps spent warming up"),
+    weight_decay: float = typer.Option(_default("weight_decay"), min=0.0, callback=_finite,
+                                       help="AdamW weight decay"),
+    max_grad_norm: float = typer.Option(_default("max_grad_norm"), min=0.0, callback=_finite,
+                                        help="gradient clipping norm"),
+    eval_steps: int = typer.Option(_default("eval_steps"), min=1, help="evaluate every N steps"),
+    save_steps: Optional[int] = typer.Option(None, min=1, help="checkpoint every N steps, a multiple "
+                                                              "of --eval-steps [default: --eval-steps]"),
+    logging_steps: int = typer.Option(_default("logging_steps"), min=1,
+                                      help="log (and show) the training loss every N steps"),
+    train_examples: Optional[int] = typer.Option(None, min=1, help="cap on training examples [default: all]"),
+    eval_examples: int = typer.Option(_default("eval_examples"), min=1,
+                                      help="validation examples scored at each evaluation"),
+    test_examples: int = typer.Option(_default("test_examples"), min=1,
+                                      help="test examples scored after training"),
+    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example (prompt cut first)"),
+    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1,
+                             help="seeds the splits, the routing and the training"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
+                                        help="compute in bfloat16 (needs a GPU that supports it) "
+                                             "[default: when supported]"),
+    gradient_checkpointing: bool = typer.Option(_default("gradient_checkpointing"),
+                                                help="recompute activations to save memory"),
+    load_in_4bit: bool = typer.Option(_default("load_in_4bit"), help="NF4 base (bitsandbytes), QLoRA style"),
 ) -> None:
     """Fine-tune an adapter on a task; writes adapter, metrics.json, config.json, loss.png."""
-    from .config import MoSConfig
-    from .train import TrainConfig
     from .train import train as run
 
     with _usage_errors():
@@ -115,51 +192,129 @@ def train(
                         shards_per_vector=shards_per_vector, private_rank=private_rank,
                         subset_selection=subset_selection, pair_dissociation=pair_dissociation,
                         alpha=alpha, dropout=dropout, init=init, seed=seed)
-        cfg = TrainConfig(model=model, task=task, method=method, mos=mos, output_dir=output_dir,
-                          max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                          learning_rate=learning_rate, warmup_ratio=warmup_ratio, eval_steps=eval_steps,
-                          train_examples=train_examples, eval_examples=eval_examples,
-                          test_examples=test_examples, max_length=max_length, seed=seed,
+        cfg = TrainConfig(model=model, task=task, eval_file=eval_file, method=method, mos=mos,
+                          output_dir=output_dir, max_steps=max_steps, batch_size=batch_size,
+                          grad_accum=grad_accum, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
+                          warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm, eval_steps=eval_steps, save_steps=save_steps,
+                          logging_steps=logging_steps, train_examples=train_examples,
+                          eval_examples=eval_examples, test_examples=test_examples,
+                          max_length=max_length, seed=seed, bf16=bf16,
                           gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit,
-                          resume=resume)
-    result = run(cfg)
+                          resume=resume, overwrite=overwrite)
+    with _config_errors():  # the run checks data and fit before loading the model
+        result = run(cfg)
     typer.echo(json.dumps(result.metrics, indent=2, default=str))
 
 
 @app.command("eval")
 def evaluate_cmd(
     task: str = typer.Option("sentiment", callback=_task, help="task name or .jsonl/.csv file"),
-    model: Optional[str] = typer.Option(None, callback=_model, help="base model (default: embedded SmolLM2)"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="base model [default: the adapter's recorded base, else "
+                                             "the embedded SmolLM2]"),
     adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
                                            help="an MoS adapter or exported PEFT LoRA directory"),
     examples: int = typer.Option(300, min=1, help="test examples to score"),
-    max_length: int = typer.Option(128, min=8),
-    batch_size: int = typer.Option(8, min=1),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="split seed (as in training)"),
+    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example"),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="examples per forward pass"),
+    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1, help="split seed (as in training)"),
 ) -> None:
     """Evaluate a base model, with or without an adapter, on a task's test split."""
-    from .checkpoint import read_adapter_config
-    from .data import Task, evaluate, load_task
-    from .train import load_base
+    from .data import evaluate, load_task
 
-    if adapter and not _is_peft(adapter):
-        with _usage_errors("--adapter"):
-            read_adapter_config(adapter)  # a broken adapter is reported before the base loads
-    base, tokenizer = load_base(model)
-    with _usage_errors("--adapter"):
-        net = attach_adapter(base, adapter) if adapter else base
+    net, tokenizer, base = _load_model(adapter, model)
     task_data = load_task(task, seed=seed)
-    test = Task(task_data.name, [], [], task_data.test[:examples], task_data.label_words)
-    typer.echo(json.dumps(evaluate(net, tokenizer, test, "test", max_length, batch_size), indent=2))
+    test = replace(task_data, train=[], validation=[], test=task_data.test[:examples])
+    scores = evaluate(net, tokenizer, test, "test", max_length, batch_size)
+    typer.echo(json.dumps({"task": task_data.name, "task_path": _task_path(task),
+                           "examples": len(test.test), "model": base or "smollm2",
+                           "adapter": str(adapter) if adapter else None, **scores}, indent=2))
+
+
+def _task_path(task: str) -> Optional[str]:
+    """A task file's absolute path (None for a built-in task)."""
+    from .data import MEMORIZATION_TASKS, TASKS
+
+    builtin = task in TASKS or task.partition(":")[0] in MEMORIZATION_TASKS
+    return None if builtin else str(Path(task).resolve())
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="the user's message (sent through the chat template)"),
+    adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
+                                           help="an MoS adapter or exported PEFT LoRA directory "
+                                                "[default: none, the base alone]"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="base model [default: the adapter's recorded base, else "
+                                             "the embedded SmolLM2]"),
+    max_new_tokens: int = typer.Option(64, min=1, max=4096, help="tokens to generate at most"),
+) -> None:
+    """Answer one prompt with a base model and, optionally, an adapter (greedy decoding)."""
+    import torch
+
+    from .data import Example, format_example
+
+    net, tokenizer, _ = _load_model(adapter, model)
+    text, _ = format_example(tokenizer, Example(prompt, ""), end_turn=False)
+    templated = bool(tokenizer.chat_template)  # a template writes its own special tokens
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        out = net.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    typer.echo(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of an MoS or PEFT adapter as a dict ({} when unreadable: the MoS
+    loader then explains what is wrong)."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _is_peft(path: Path) -> bool:
     """Whether ``path`` holds a PEFT adapter (its config names a ``peft_type``)."""
-    config = path / "adapter_config.json"
+    return "peft_type" in _read_config(path)
+
+
+def _adapter_base(adapter: Optional[Path], model: Optional[str]) -> Optional[str]:
+    """``--model`` if given, else the base the adapter records, else None (the default)."""
+    if model is not None or adapter is None:
+        return model
+    recorded = _read_config(adapter).get("base_model_name_or_path")
+    if recorded is None:
+        return None
+    from .train_config import check_model
+
     try:
-        return config.is_file() and "peft_type" in json.loads(config.read_text())
-    except (ValueError, TypeError):  # not JSON, or not an object: the MoS loader explains
-        return False
+        check_model(recorded)
+    except ConfigError:
+        raise typer.BadParameter(f"the adapter {adapter} was trained on {recorded!r}, which is not "
+                                 "here; pass that base with --model", param_hint="'--model'") from None
+    return recorded
+
+
+def _load_model(adapter: Optional[Path], model: Optional[str]):
+    """(model with the adapter attached if any, tokenizer, the base's name) for ``adapter``'s base.
+
+    An MoS adapter is checked before the base loads, so a broken one costs no loading time.
+    """
+    from .checkpoint import read_adapter_config
+    from .train import load_base
+
+    if adapter and not _is_peft(adapter):
+        with _usage_errors("'--adapter'"):
+            read_adapter_config(adapter)
+    base_name = _adapter_base(adapter, model)
+    base, tokenizer = load_base(base_name)
+    with _usage_errors("'--adapter'"):
+        net = attach_adapter(base, adapter) if adapter else base
+    return net, tokenizer, base_name
 
 
 def attach_adapter(base, path: Path):
@@ -167,23 +322,63 @@ def attach_adapter(base, path: Path):
     if _is_peft(path):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, path)
+        from .noise import peft_calls
+
+        with peft_calls():
+            return PeftModel.from_pretrained(base, path)
     from .model import MoSModel
 
     return MoSModel.from_pretrained(base, path)
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory")) -> None:
-    """What an adapter holds: config, kinds, base fingerprint, size on disk."""
-    from .checkpoint import read_adapter_config
+def info(
+    path: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
+    as_json: bool = typer.Option(False, "--json", help="print everything the adapter records, as JSON"),
+) -> None:
+    """What an adapter holds (parameters, size, base, format) and whether its weights are intact.
+
+    Exits with code 1 when the weights are corrupt.
+    """
+    from .checkpoint import CheckpointError, read_adapter_config, verify_adapter
 
     with _usage_errors("path"):
         header = read_adapter_config(path)
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    typer.echo(json.dumps({"config": header["config"], "kinds": header.get("kinds"),
-                           "base_architecture": header["base_fingerprint"].get("architecture"),
-                           "bytes_on_disk": size}, indent=2))
+    try:
+        header, problem = verify_adapter(path), None
+    except CheckpointError as err:
+        problem = str(err)
+    summary = {**header, "path": str(path), "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir()
+                                                                  if f.is_file()),
+               "integrity": problem or "ok"}
+    typer.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
+    if problem:
+        raise typer.Exit(code=1)
+
+
+def _info_text(summary: dict[str, Any]) -> str:
+    """The lines of ``moslora info``: what a user asks of an adapter first."""
+    cfg, kinds = summary["config"], summary.get("kinds") or {}
+    layers = sum(len(k.get("layers", ())) for k in kinds.values())
+    lora = sum(len(k["layers"]) * cfg["rank"] * (k["d_in"] + k["d_out"]) for k in kinds.values())
+    parameters = (f"{summary['parameters']:,} trainable (LoRA at the same rank r={cfg['rank']}: {lora:,})"
+                  if "parameters" in summary else "unknown (the weights cannot be read)")
+    targets = cfg["target_modules"]
+    rows = [
+        ("adapter", summary["path"]),
+        ("format", f"{summary['format']} version {summary['format_version']}"),
+        ("base", f"{summary['base_fingerprint'].get('architecture')}, "
+                 f"{summary.get('base_model_name_or_path') or 'path not recorded'}"),
+        ("targets", f"{', '.join(targets) if isinstance(targets, list) else targets} "
+                    f"({len(kinds)} kinds, {layers} layers)"),
+        ("rank", f"r={cfg['rank']} at the budget of LoRA e={cfg['budget_rank']} "
+                 f"(shards per vector {cfg['shards_per_vector']}, private rank {cfg['private_rank']})"),
+        ("parameters", parameters),
+        ("size", f"{summary['bytes_on_disk']:,} bytes on disk"),
+        ("integrity", summary["integrity"] if summary["integrity"] != "ok"
+         else "ok (checksum, tensor names, shapes, dtypes, finite values, routing indices)"),
+    ]
+    return "\n".join(f"{name:<11} {value}" for name, value in rows)
 
 
 def _load_mos(adapter: Path, model: Optional[str]):
@@ -194,7 +389,7 @@ def _load_mos(adapter: Path, model: Optional[str]):
 
     with _usage_errors("adapter"):
         read_adapter_config(adapter)  # a broken adapter is reported before the base loads
-    base, tokenizer = load_base(model)
+    base, tokenizer = load_base(_adapter_base(adapter, model))
     with _usage_errors("adapter"):
         return MoSModel.from_pretrained(base, adapter), tokenizer
 
@@ -208,33 +403,40 @@ def _dtype(value: str) -> str:
     return value
 
 
-def _new_directory(value: Path) -> Path:
-    """An output directory that does not exist yet or is empty: a merge never overwrites a model."""
-    if value.exists() and (not value.is_dir() or any(value.iterdir())):
-        raise typer.BadParameter(f"{value} already exists and is not an empty directory; "
-                                 "choose a new path or remove it")
-    return value
+def _check_new_directory(path: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty directory (an adapter, a model) unless ``--overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} exists and is not a directory", param_hint="'out_dir'")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise typer.BadParameter(f"{path} already exists and is not empty; pass --overwrite to "
+                                 "replace it, or choose a new path", param_hint="'out_dir'")
+
+
+_OVERWRITE = typer.Option(False, "--overwrite", help="replace OUT_DIR if it already holds files")
 
 
 @app.command()
 def merge(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
-    out_dir: Path = typer.Argument(..., callback=_new_directory,
-                                   help="a new directory for the merged model"),
+    out_dir: Path = typer.Argument(..., help="a new directory for the merged model"),
     model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model (default: embedded SmolLM2)"),
+                                        help="the adapter's base model [default: the one it records, "
+                                             "else the embedded SmolLM2]"),
     dtype: str = typer.Option("float32", callback=_dtype, help="dtype of the saved weights: "
                               + ", ".join(_DTYPES)),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Fold an MoS adapter into its base (W += alpha/r B A) and save a plain Hugging Face model."""
     import torch
 
     from .atomic import atomic_directory
 
+    _check_new_directory(out_dir, overwrite)
     mos, tokenizer = _load_mos(adapter, model)
     # cast after merging: the sum is taken at the base's own precision
     merged = mos.merge_and_unload().to(getattr(torch, dtype))
-    with atomic_directory(out_dir) as staging:
+    # keep_others=False: an overwritten model must not keep the old one's extra weight shards
+    with atomic_directory(out_dir, keep_others=False) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     typer.echo(f"wrote {out_dir}")
@@ -243,13 +445,16 @@ def merge(
 @app.command("export-peft")
 def export_peft(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
-    out_dir: Path = typer.Argument(..., file_okay=False, help="where to write the PEFT LoRA directory"),
+    out_dir: Path = typer.Argument(..., help="a new directory for the PEFT LoRA adapter"),
     model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model (default: embedded SmolLM2)"),
+                                        help="the adapter's base model [default: the one it records, "
+                                             "else the embedded SmolLM2]"),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
     from .checkpoint import export_peft_lora
 
+    _check_new_directory(out_dir, overwrite)
     mos, _ = _load_mos(adapter, model)
     export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
@@ -259,10 +464,12 @@ def export_peft(
 def serve(
     adapters: Path = typer.Option(..., **_ADAPTER_DIR,
                                   help="root directory of MoS adapters (each subdirectory is one)"),
-    base: Optional[str] = typer.Option(None, callback=_model,
-                                       help="local HF folder or .gguf file (default: embedded SmolLM2)"),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000, min=1, max=65535),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="local HF folder or .gguf file (default: embedded SmolLM2)"),
+    base: Optional[str] = typer.Option(None, callback=_model, hidden=True,
+                                       help="deprecated name of --model"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port to listen on"),
     api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
     max_batch: int = typer.Option(16, min=1, help="rows per batched forward"),
@@ -279,6 +486,12 @@ def serve(
     """Serve every adapter under --adapters over HTTP (OpenAI-style /v1/completions)."""
     from .serving.server import ApiKeys, Limits, load_server
 
+    if base is not None:
+        if model is not None:
+            raise typer.BadParameter("pass --model only (--base is its old name)", param_hint="'--base'")
+        typer.echo("warning: --base is deprecated; use --model", err=True)
+        model = base
+
     try:
         keys = ApiKeys.load(api_keys)
     except ValueError as err:  # not JSON, or not an object of non-empty keys
@@ -288,7 +501,7 @@ def serve(
                     request_timeout=request_timeout)
     import uvicorn
 
-    server = load_server(base, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
+    server = load_server(model, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
                          queue_size=queue_size, limits=limits)
     uvicorn.run(server, host=host, port=port)
 
@@ -297,7 +510,7 @@ def serve(
 def demo(
     steps: int = typer.Option(60, min=1, help="fine-tuning steps"),
     test_examples: int = typer.Option(300, min=1, help="test reviews scored before and after"),
-    output_dir: str = typer.Option("runs/demo"),
+    output_dir: str = typer.Option("runs/demo", help="run folder (a previous demo there is replaced)"),
 ) -> None:
     """Fine-tune the embedded SmolLM2 with MoS on sentiment: accuracy before -> after, vs LoRA."""
     from .demo import run_finetune_demo
@@ -356,7 +569,9 @@ def bench_speed(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
 
 
 @bench_app.command("report")
-def bench_report(results: Path = _RESULTS, readme: Path = typer.Option(Path("README.md"))) -> None:
+def bench_report(results: Path = _RESULTS,
+                 readme: Path = typer.Option(Path("README.md"), help="the README whose Results section "
+                                                                     "is rewritten")) -> None:
     """Redraw the plots and the README's Results section from the JSON in --results."""
     from .bench import report
 

@@ -224,19 +224,20 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
     With subset selection, the pools get exactly the budget left after the private segments:
     ``n = (e - p) · L · l`` shards per side. Without it every layer uses the whole pool in
     the same order, so the pool holds just one layer's ``(r - p) · l`` shards per side.
-    Raises ``ValueError`` naming the knob to change when the budget cannot be met.
+    Raises ``ConfigError`` (a ``ValueError``) naming the knob to change when the budget cannot
+    be met.
     """
     e, r, p, l = cfg.budget_rank, cfg.rank, cfg.private_rank, cfg.shards_per_vector
     where = f" for {kind}" if kind else ""
     for side, dim in (("d_in", d_in), ("d_out", d_out)):
         if dim % l:
-            raise ValueError(
+            raise ConfigError("shards_per_vector",
                 f"shards_per_vector={l} does not divide {side}={dim}{where}: "
                 f"choose a shards_per_vector that divides both d_in={d_in} and d_out={d_out}"
             )
     max_rank = p + (e - p) * num_layers
     if r > max_rank:
-        raise ValueError(
+        raise ConfigError("rank",
             f"rank={r} cannot be met{where}: {num_layers} layer(s) at budget_rank={e} with "
             f"private_rank={p} leave {(e - p) * num_layers} public rank(s) in the pool, and a "
             f"layer needs rank - private_rank = {r - p} distinct ones; the largest rank that "

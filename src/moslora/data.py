@@ -172,36 +172,52 @@ def _user_records(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _user_examples(path: Path) -> tuple[list[Example], list[str] | None]:
-    """Prompt/completion pairs, or text/label pairs for classification, from ``path``."""
+    """Prompt/completion pairs, conversations, or text/label pairs for classification, from ``path``."""
     pairs, texts = [], []
     for number, record in _user_records(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path} line {number}: expected a JSON object, got {record!r}")
+        if "messages" in record:
+            pairs.append((number, _conversation(record["messages"], f"{path} line {number}")))
+            continue
         if {"prompt", "completion"} <= record.keys():
             target, keys = pairs, ("prompt", "completion")
         elif {"text", "label"} <= record.keys():
             target, keys = texts, ("text", "label")
         else:
-            raise ValueError(f"{path} line {number}: expected fields 'prompt' and 'completion' "
-                             f"(or 'text' and 'label'), got {sorted(map(str, record))}")
+            raise ValueError(f"{path} line {number}: expected fields 'prompt' and 'completion', "
+                             f"'messages', or 'text' and 'label'; got {sorted(map(str, record))}")
         values = [record[k] for k in keys]
         # csv gives None for a missing cell; a label may also be a JSON number or bool
         texts_only = values if target is pairs else values[:1]
         if None in values or not all(isinstance(v, str) for v in texts_only):
             raise ValueError(f"{path} line {number}: {keys[0]!r} and {keys[1]!r} must be "
                              f"text, got {values!r}")
-        target.append((number, values[0], str(values[1])))
+        target.append((number, Example(values[0], str(values[1]))))
     if pairs and texts:
         raise ValueError(f"{path} mixes prompt/completion lines (e.g. line {pairs[0][0]}) "
                          f"with text/label lines (e.g. line {texts[0][0]})")
     if not pairs and not texts:
         raise ValueError(f"{path} holds no examples")
     if pairs:
-        return [Example(p, c) for _, p, c in pairs], None
-    words = sorted({label for _, _, label in texts})
+        return [e for _, e in pairs], None
+    words = sorted({e.completion for _, e in texts})
     instruction = f"Classify the text as one of: {', '.join(words)}. Answer with the class only."
-    return [Example(f"{instruction}\n\nText: {text}", label, words.index(label))
-            for _, text, label in texts], words
+    return [Example(f"{instruction}\n\nText: {e.prompt}", e.completion, words.index(e.completion))
+            for _, e in texts], words
+
+
+def _conversation(messages: object, where: str) -> Example:
+    """TRL's conversational record, ``{"messages": [{"role", "content"}, ...]}``, as an example:
+    an optional system message, one user message, and the assistant's answer to learn."""
+    roles = [m.get("role") for m in messages] if isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) else None
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} turns: an "
+                         "optional system turn, one user turn and one assistant turn (longer "
+                         f"conversations are not supported yet); got roles {roles}")
+    system = messages[0]["content"] if roles[0] == "system" else None
+    return Example(messages[-2]["content"], messages[-1]["content"], system=system)
 
 
 # ----------------------------------------------------------------------------------- splits
@@ -210,16 +226,17 @@ Scorer = Callable[[list[Example]], list[tuple[float, int, bool]]]
 
 
 def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None = None,
-              scorer: Scorer | None = None) -> Task:
+              eval_file: str | Path | None = None, scorer: Scorer | None = None) -> Task:
     """A built-in task by name (see ``TASKS`` and ``MEMORIZATION_TASKS``) or your own
     ``.jsonl`` / ``.csv`` file.
 
     Duplicates are dropped, examples are shuffled with ``seed`` and split 80/10/10; examples
-    that share a prompt stay in one split, so no test input was seen in training.
-    ``max_examples`` caps each split; capping takes a prefix, so smaller caps are subsets.
-    Memorization tasks are named ``facts:N`` / ``wikidata:N`` (N items) and not split;
-    ``wikidata`` needs ``scorer`` (``answer_scores`` of the base model, see
-    ``memorization_task``).
+    that share a prompt stay in one split, so no test input was seen in training. With
+    ``eval_file`` every example of the task trains, and the file's examples are split in
+    half into validation and test. ``max_examples`` caps each split; capping takes a prefix,
+    so smaller caps are subsets. Memorization tasks are named ``facts:N`` / ``wikidata:N``
+    (N items) and not split; ``wikidata`` needs ``scorer`` (``answer_scores`` of the base
+    model, see ``memorization_task``).
     """
     kind, _, size = str(name_or_path).partition(":")
     if kind in MEMORIZATION_TASKS:
@@ -235,12 +252,26 @@ def load_task(name_or_path: str | Path, seed: int = 0, max_examples: int | None 
         raise ValueError(f"unknown task {str(name_or_path)!r}: use one of {sorted(TASKS)}, "
                          f"{' or '.join(f'{k}:N' for k in MEMORIZATION_TASKS)}, or "
                          "a .jsonl / .csv file of prompt,completion (or text,label) records")
-    train, validation, test = _split(list(dict.fromkeys(examples)), seed)
+    if eval_file is None:
+        train, validation, test = _split(list(dict.fromkeys(examples)), seed)
+    else:
+        held_out, held_out_words = _user_examples(Path(eval_file))
+        if held_out_words != label_words:
+            raise ValueError(f"{eval_file} has the classes {held_out_words}, but the task has "
+                             f"{label_words}: both must be classification with the same labels, or "
+                             "both prompt/completion")
+        (train,) = _split(list(dict.fromkeys(examples)), seed, parts=1)
+        validation, test = _split(list(dict.fromkeys(held_out)), seed, parts=2)
     return Task(name, train[:max_examples], validation[:max_examples], test[:max_examples],
                 label_words)
 
 
 MEMORIZATION_TASKS = {"facts": 256, "wikidata": 256}  # name -> default number of items
+
+
+def needs_base(name: str | Path) -> bool:
+    """Whether ``load_task(name)`` picks its items with the base model (needs a ``scorer``)."""
+    return str(name).partition(":")[0] == "wikidata"
 
 
 def memorization_task(kind: str, size: str = "", seed: int = 0, scorer: Scorer | None = None) -> Task:
@@ -276,7 +307,9 @@ def memorization_task(kind: str, size: str = "", seed: int = 0, scorer: Scorer |
     return Task(name, kept[:n], kept[:n], kept[:n], control=kept[n:wanted])
 
 
-def _split(examples: list[Example], seed: int) -> tuple[list[Example], ...]:
+def _split(examples: list[Example], seed: int, parts: int = 3) -> tuple[list[Example], ...]:
+    """Shuffle with ``seed`` and cut into ``parts``: 3 is train/validation/test (80/10/10),
+    2 is halves, 1 is everything, shuffled."""
     # split the distinct inputs, not the examples: a question with several answers, or a
     # review listed twice, must not land in both train and test. Plain texts (no prompt)
     # are their own input.
@@ -284,13 +317,16 @@ def _split(examples: list[Example], seed: int) -> tuple[list[Example], ...]:
     for e in examples:
         groups.setdefault(e.prompt or e.completion, []).append(e)
     keys = list(groups)
-    if len(keys) < 3:
-        raise ValueError("need at least 3 distinct inputs to make train/validation/test "
-                         f"splits, got {len(keys)}")
+    if len(keys) < parts:
+        raise ValueError(f"need at least {parts} distinct inputs to make {parts} split(s), got {len(keys)}")
     random.Random(seed).shuffle(keys)
-    n_eval = max(1, round(len(keys) * EVAL_FRACTION))
-    n_train = len(keys) - 2 * n_eval
-    cuts = [keys[:n_train], keys[n_train:n_train + n_eval], keys[n_train + n_eval:]]
+    if parts == 3:
+        n_eval = max(1, round(len(keys) * EVAL_FRACTION))
+        n_train = len(keys) - 2 * n_eval
+        cuts = [keys[:n_train], keys[n_train:n_train + n_eval], keys[n_train + n_eval:]]
+    else:
+        half = len(keys) // 2 if parts == 2 else len(keys)
+        cuts = [keys[:half], keys[half:]][:parts]
     rng = random.Random(seed + 1)
     splits = []
     for part in cuts:

@@ -130,8 +130,9 @@ def run_finetune_demo(steps: int = 60, test_examples: int = 300, output_dir: str
     start = time.perf_counter()
     base, tokenizer = load_base(None)
     pristine = copy.deepcopy(base)
+    # overwrite: the demo's folder holds the demo's last run, which a new demo replaces
     cfg = TrainConfig(output_dir=output_dir, max_steps=steps, eval_steps=max(1, steps // 2),
-                      eval_examples=48, test_examples=test_examples)
+                      eval_examples=48, test_examples=test_examples, overwrite=True)
     task = load_task(cfg.task, seed=cfg.seed)
     test = Task(task.name, [], [], task.test[:test_examples], task.label_words)
     console.print(f"[bold]zero-shot[/bold] SmolLM2-135M-Instruct on {len(test.test)} test reviews ...")

@@ -8,6 +8,7 @@ layer replaced by a ``MoSLinear``, and one ``ShardPools`` per layer kind registe
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,13 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
             )
         order = {n: i for i, n in enumerate(modules)}
         names = sorted(set(names), key=order.__getitem__)
+    wrapped = [n for n in names if isinstance(modules[n], MoSLinear)]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped[0]} (and {len(wrapped) - 1} more) already carries an MoS adapter: "
+            "get_mos_model and MoSModel.from_pretrained wrap the base model in place. Attach to a "
+            "fresh copy of the base (load it again, or copy.deepcopy it before get_mos_model)"
+        )
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_supported(modules[n])]
     if wrong:
         raise ValueError(
@@ -327,5 +335,15 @@ def _stored_numel(param: nn.Parameter) -> int:
 
 
 def get_mos_model(base_model: nn.Module, config: MoSConfig) -> MoSModel:
-    """Freeze ``base_model`` and add MoS adapters to the layers ``config`` targets."""
+    """Freeze ``base_model`` and add MoS adapters to the layers ``config`` targets.
+
+    The base is wrapped in place: its target layers become ``MoSLinear``. Warns when
+    ``budget_rank`` exceeds ``rank``, which is almost always a mistake.
+    """
+    if config.budget_rank > config.rank:
+        warnings.warn(
+            f"budget_rank={config.budget_rank} > rank={config.rank}: the adapter trains as many "
+            f"parameters as LoRA at rank {config.budget_rank}, more than LoRA at its own per-layer "
+            f"rank {config.rank}; MoS is meant for budget_rank well below rank (e.g. rank 16, "
+            "budget_rank 2)", UserWarning, stacklevel=2)
     return MoSModel(base_model, config)

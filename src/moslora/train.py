@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -36,108 +35,24 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.trainer_utils import sort_checkpoints
 
-from .assets import DEFAULT_MODEL_NAMES, resolve_model
+from .assets import resolve_model
 from .atomic import (atomic_file, publish_directory, remove_directory, remove_stale_staging,
                      staging_directory)
 from .checkpoint import load_adapter_weights
-from .config import (MAX_SEED, ConfigError, MoSConfig, require_bool, require_choice, require_float,
-                     require_int)
-from .data import TASKS, Task, collate, evaluate, load_task, tokenize_example
-from .model import MoSModel, get_mos_model
+from .config import ConfigError, MoSConfig, solve_pools
+from .data import (Scorer, Task, answer_scores, collate, evaluate, load_task, needs_base,
+                   tokenize_example)
+from .model import MoSModel, find_targets, get_mos_model, group_kinds
+from .noise import no_loading_bars, peft_calls
+# re-exported: moslora.train is where users import the run's config from
+from .train_config import (CHECKPOINT_PREFIX, RUN_OUTPUTS, TRAINER_STATE_NAME, Method, TrainConfig,
+                           bf16_supported, checkpoint_dir, last_checkpoint, resume_checkpoint)
 
-Method = Literal["mos", "lora"]
-MIN_LENGTH = 8  # max_length: room for a short prompt and its answer
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; validated at construction.
-
-    ``mos`` holds the adapter knobs; for ``method="lora"`` its ``target_modules``, ``rank``,
-    ``alpha`` and ``dropout`` configure PEFT's LoRA so that both runs share their settings.
-    """
-
-    model: str | None = None
-    task: str = "sentiment"
-    method: Method = "mos"
-    mos: MoSConfig = field(default_factory=lambda: MoSConfig(
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank=16, budget_rank=2, shards_per_vector=2, private_rank=1, alpha=32.0))
-    output_dir: str = "runs/default"
-    max_steps: int = 60
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 2e-3
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_steps: int = 20
-    train_examples: int | None = None
-    eval_examples: int = 100
-    test_examples: int = 300
-    max_length: int = 128
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    load_in_4bit: bool = False
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.mos, dict):
-            self.mos = MoSConfig.from_dict(self.mos)
-        if not isinstance(self.mos, MoSConfig):
-            raise ConfigError("mos", f"mos must be a MoSConfig or a dict of its fields, got {self.mos!r}")
-        require_choice("method", self.method, ("mos", "lora"))
-        check_task(self.task)
-        check_model(self.model)
-        _check_output_dir(self.output_dir)
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_steps", "eval_examples",
-                     "test_examples"):
-            require_int(name, getattr(self, name), minimum=1)
-        require_int("max_length", self.max_length, minimum=MIN_LENGTH)
-        if self.train_examples is not None:
-            require_int("train_examples", self.train_examples, minimum=1)
-        require_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
-        require_float("learning_rate", self.learning_rate, low=0.0, high=1.0, low_open=True, high_open=True)
-        require_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
-        require_float("weight_decay", self.weight_decay, low=0.0)
-        require_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        for name in ("gradient_checkpointing", "load_in_4bit", "resume", "progress"):
-            require_bool(name, getattr(self, name))
-        if self.resume:
-            resume_checkpoint(self)
-
-
-def check_task(task: Any) -> None:
-    """Raise ``ConfigError`` unless ``task`` is a built-in task or an existing .jsonl/.csv file."""
-    if isinstance(task, str) and task in TASKS:
-        return
-    path = Path(task) if isinstance(task, (str, os.PathLike)) else None
-    if path is None or path.suffix not in (".jsonl", ".csv"):
-        raise ConfigError("task", f"task must be one of {' | '.join(TASKS)} or a .jsonl / .csv file, "
-                                  f"got {task!r}")
-    if not path.is_file():
-        raise ConfigError("task", f"task file {str(path)!r} does not exist")
-
-
-def check_model(model: Any) -> None:
-    """Raise ``ConfigError`` unless ``model`` is the default or an existing path."""
-    if model in DEFAULT_MODEL_NAMES:
-        return
-    if not isinstance(model, (str, os.PathLike)) or not Path(model).expanduser().exists():
-        raise ConfigError("model", f"model {model!r} does not exist: use 'smollm2' (the default), a "
-                                   "local Hugging Face model folder or a .gguf file")
-
-
-def _check_output_dir(output_dir: Any) -> None:
-    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
-        raise ConfigError("output_dir", f"output_dir must be a directory path, got {output_dir!r}")
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ConfigError("output_dir", f"output_dir {str(output_dir)!r} exists and is not a directory")
+__all__ = ["AdapterTrainer", "Method", "TrainConfig", "TrainResult", "TrainingDiverged", "checkpoint_dir",
+           "last_checkpoint", "load_base", "resume_checkpoint", "train"]
 
 
 @dataclass
@@ -152,27 +67,64 @@ class TrainResult:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_base(model: str | None, load_in_4bit: bool = False) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from a local path, a GGUF file or the embedded default."""
+def load_base(model: str | None, load_in_4bit: bool = False,
+              bf16: bool | None = None) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a local path, a GGUF file or the embedded default.
+
+    ``bf16`` loads it in bfloat16 (``None``: when the GPU supports it), else in float32.
+    """
     path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if _bf16() else torch.float32}
+    use_bf16 = bf16_supported() if bf16 is None else bf16
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with no_loading_bars():
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if torch.cuda.is_available() and not load_in_4bit:
         base = base.cuda()
     return base, tokenizer
 
 
-def _bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def model_skeleton(model: str | None) -> nn.Module:
+    """The module tree of ``model`` built from its config.json alone, on the meta device: no
+    weights are read, so checks against it take a moment even for a large model."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model(model)
+        config = AutoConfig.from_pretrained(path)
+    except ValueError as err:  # no config.json, or one transformers cannot read
+        raise ConfigError("model", str(err)) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_fit(cfg: TrainConfig, base: nn.Module) -> None:
+    """Raise ``ConfigError`` unless ``cfg``'s adapter fits ``base`` (or its ``model_skeleton``):
+    every target matches a linear layer, and MoS's rank fits each kind's budget."""
+    try:
+        names = find_targets(base, cfg.mos.target_modules)
+    except ValueError as err:
+        raise ConfigError("target_modules", str(err)) from None
+    if cfg.method == "mos":
+        for kind in group_kinds(base, names):
+            solve_pools(cfg.mos, len(kind.layers), kind.d_in, kind.d_out, kind.pattern)
+
+
+def load_run_task(cfg: TrainConfig, scorer: Scorer | None = None) -> Task:
+    """``cfg``'s task (with its ``eval_file``), a data error raised as a ``ConfigError``;
+    ``scorer`` for a task that picks its items with the base (``needs_base``)."""
+    try:
+        return load_task(cfg.task, seed=cfg.seed, eval_file=cfg.eval_file, scorer=scorer)
+    except ValueError as err:
+        raise ConfigError("task", str(err)) from None
 
 
 def wrap(base: nn.Module, method: Method, cfg: MoSConfig) -> nn.Module:
@@ -181,9 +133,10 @@ def wrap(base: nn.Module, method: Method, cfg: MoSConfig) -> nn.Module:
         return get_mos_model(base, cfg)
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(base, LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    with peft_calls():
+        return get_peft_model(base, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -235,7 +188,7 @@ class AdapterTrainer(Trainer):
             return super()._save_checkpoint(model, trial)
         self.store_flos()
         run_dir = Path(self._get_output_dir(trial=None))
-        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = run_dir / f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
         staging = self._staging_for(final)
         self.save_model(str(staging), _internal_call=True)
         self.accelerator.wait_for_everyone()  # don't write beside a model save still in flight
@@ -243,7 +196,7 @@ class AdapterTrainer(Trainer):
             self._save_optimizer_and_scheduler(str(staging))
             self._save_scaler(str(staging))
             self._save_rng_state(str(staging))
-        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+        best = run_dir / f"{CHECKPOINT_PREFIX}-{self.state.best_global_step}"
         # the best checkpoint may be the one being written, which has no final name yet
         if self.state.best_global_step and (self.state.best_global_step == self.state.global_step
                                             or best.exists()):
@@ -324,26 +277,13 @@ class StopOnNonFiniteLoss(TrainerCallback):
             )
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The complete checkpoint of the highest step in ``output_dir``, or None.
-
-    Complete means it holds the trainer state, which is written last: with atomic saves every
-    ``checkpoint-N`` is complete, and this also skips a half-deleted or half-written one left
-    by an older version or another tool. Staging directories (``.checkpoint-N.tmp-*``) never
-    match.
-    """
-    steps = [(int(match[1]), p) for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name))
-             and (p / TRAINER_STATE_NAME).is_file()]
-    return str(max(steps)[1]) if steps else None
-
-
 class RichProgress(TrainerCallback):
-    """A rich progress bar: step, loss, seconds per step, ETA."""
+    """A rich progress bar: step, the latest training and evaluation loss, seconds per step, ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None) -> None:
+        self.console = console  # a rich Console; None draws on the terminal
         self.progress: Progress | None = None
-        self.loss = float("nan")
+        self.fields = {"loss": "-", "eval_loss": "-", "sps": 0.0}
         self.started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -351,23 +291,28 @@ class RichProgress(TrainerCallback):
             return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} s/step"),
-            TimeRemainingColumn())
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval loss {task.fields[eval_loss]}"),
+            TextColumn("{task.fields[sps]:.2f} s/step"), TimeRemainingColumn(), console=self.console)
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss=float("nan"), sps=0.0)
+                                           **self.fields)
         self.started, self.first_step = time.perf_counter(), state.global_step
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is not None and logs and "loss" in logs:
-            self.loss = logs["loss"]
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
+        if self.progress is not None:
+            done = max(1, state.global_step - self.first_step)
+            self.fields["sps"] = (time.perf_counter() - self.started) / done
+            self.progress.update(self.task, completed=state.global_step, **self.fields)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the Trainer logs a step's loss after that step's on_step_end: updating the bar only
+        # there would show the previous step's loss
+        if self.progress is None or not logs:
             return
-        done = max(1, state.global_step - self.first_step)
-        self.progress.update(self.task, completed=state.global_step, loss=self.loss,
-                             sps=(time.perf_counter() - self.started) / done)
+        for key in ("loss", "eval_loss"):
+            if key in logs:
+                self.fields[key] = f"{logs[key]:.4f}"
+        self.progress.update(self.task, completed=state.global_step, **self.fields)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
@@ -389,7 +334,7 @@ def training_arguments(cfg: TrainConfig, task: Task) -> TrainingArguments:
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -397,16 +342,16 @@ def training_arguments(cfg: TrainConfig, task: Task) -> TrainingArguments:
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
-        save_steps=cfg.eval_steps,
+        save_steps=cfg.save_steps or cfg.eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=best_metric,
         greater_is_better=bool(task.label_words),
-        logging_steps=1,
+        logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # report a NaN loss (StopOnNonFiniteLoss), don't average it away
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=_bf16(),
+        bf16=cfg.use_bf16,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         label_names=["labels"],  # MoSModel.forward takes **kwargs, so the Trainer cannot infer it
@@ -422,27 +367,38 @@ def training_arguments(cfg: TrainConfig, task: Task) -> TrainingArguments:
 def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
     """Fine-tune ``cfg.method`` on ``cfg.task`` and write the run folder (see module doc).
 
-    ``base`` / ``tokenizer`` may be passed in (already loaded); else ``cfg.model`` is loaded.
+    ``base`` / ``tokenizer`` may be passed in (already loaded); else ``cfg.model`` is loaded,
+    after the data and the adapter's fit to the model's config have been checked (bad data or
+    an unfit rank raise ``ConfigError`` in seconds, not after minutes of loading).
     """
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
+    # wikidata keeps the facts the base gets wrong: that check waits for the base
+    task = None if needs_base(cfg.task) else load_run_task(cfg)
+    check_fit(cfg, base if base is not None else model_skeleton(cfg.model))
     if base is None:
-        base, tokenizer = load_base(cfg.model, cfg.load_in_4bit)
-    task = load_task(cfg.task, seed=cfg.seed)
+        base, tokenizer = load_base(cfg.model, cfg.load_in_4bit, cfg.bf16)
+    if task is None:
+        task = load_run_task(cfg, partial(answer_scores, base, tokenizer, cfg.max_length))
     model = wrap(base, cfg.method, cfg.mos)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     def task_metric(m: nn.Module) -> dict[str, float]:
-        limited = Task(task.name, [], task.validation[:cfg.eval_examples], [], task.label_words)
+        limited = replace(task, train=[], validation=task.validation[:cfg.eval_examples], test=[])
         return evaluate(m, tokenizer, limited, "validation", cfg.max_length, cfg.batch_size)
 
+    args = training_arguments(cfg, task)
+    if cfg.overwrite:
+        with args.main_process_first(desc="deleting the previous run"):  # the others wait for it
+            if args.process_index == 0:
+                clear_run(run_dir)
     pad_id = tokenizer.pad_token_id
     trainer = AdapterTrainer(
         model=model,
-        args=training_arguments(cfg, task),
+        args=args,
         train_dataset=_dataset(task, "train", tokenizer, cfg, cfg.train_examples),
         eval_dataset=_dataset(task, "validation", tokenizer, cfg, cfg.eval_examples),
         data_collator=lambda features: collate(features, pad_id),
@@ -454,15 +410,22 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg) if cfg.resume else None)
 
     adapter_dir = run_dir / "adapter"
-    test = evaluate(model, tokenizer, Task(task.name, [], [], task.test[:cfg.test_examples],
-                                           task.label_words), "test", cfg.max_length, cfg.batch_size)
+    test = evaluate(model, tokenizer, replace(task, train=[], validation=[], test=task.test[:cfg.test_examples]),
+                    "test", cfg.max_length, cfg.batch_size)
+    history = trainer.state.log_history
     metrics = {
         "method": cfg.method,
         "task": cfg.task,
+        "task_path": str(Path(cfg.task).resolve()) if Path(cfg.task).suffix else None,
+        "eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
         **{f"test_{k}": v for k, v in test.items()},
+        "examples": {"train": len(trainer.train_dataset), "validation": len(trainer.eval_dataset),
+                     "test": len(task.test[:cfg.test_examples])},
         "trainable_params": trainable_parameters(model),
         "steps": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "eval_loss": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
     }
     if trainer.is_world_process_zero():  # under DDP every rank holds the same adapter
         model.save_pretrained(adapter_dir)
@@ -470,22 +433,22 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
         metrics["seconds"] = time.perf_counter() - started
         _write_json(run_dir / "metrics.json", metrics)
         _write_json(run_dir / "config.json", _config_dict(cfg))
-        plot_losses(trainer.state.log_history, run_dir / "loss.png")
+        plot_losses(history, run_dir / "loss.png", f"{cfg.method} on {task.name}")
     return TrainResult(metrics, adapter_dir, model, tokenizer, task)
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    """Where the Trainer's ``checkpoint-N`` directories of a run go."""
-    return Path(cfg.output_dir) / "checkpoints"
+def clear_run(run_dir: Path) -> None:
+    """Delete what a previous run left in ``run_dir`` (``overwrite=True``), and nothing else.
 
-
-def resume_checkpoint(cfg: TrainConfig) -> str:
-    """The checkpoint ``resume=True`` continues from: the run's last complete one."""
-    last = last_checkpoint(checkpoint_dir(cfg))
-    if last is None:
-        raise ConfigError("resume", f"resume=True but {checkpoint_dir(cfg)} holds no complete checkpoint "
-                                    "(checkpoint-N with trainer_state.json); drop resume to start afresh")
-    return last
+    Each directory is renamed away in one step before it is deleted, so a kill meanwhile
+    never leaves a half-deleted checkpoint that a later run could mistake for its own.
+    """
+    for name in ("checkpoints", *RUN_OUTPUTS):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            remove_directory(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def dir_bytes(path: Path) -> int:
@@ -504,12 +467,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
-def plot_losses(log_history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and validation loss per evaluation, to a PNG."""
+def loss_figure(log_history: list[dict[str, Any]], title: str):
+    """A matplotlib figure of the training loss per step and the validation loss per evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     valid = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
@@ -517,9 +481,19 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> None:
     for points, label, style in ((train, "train", "-"), (valid, "validation", "o-")):
         if points:
             ax.plot(*zip(*points), style, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """``loss_figure`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(log_history, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
