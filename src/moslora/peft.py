@@ -78,8 +78,9 @@ METHOD_NAME = "mos"
 PREFIX = "mos_"
 
 
-def check_peft_version(version: str) -> None:
-    """Raise ``ImportError`` unless ``version`` is in ``SUPPORTED_PEFT`` (dev builds included)."""
+def check_peft_version() -> None:
+    """Raise ``ImportError`` unless the installed peft is in ``SUPPORTED_PEFT`` (dev builds count)."""
+    version = peft.__version__
     if not SUPPORTED_PEFT.contains(Version(version), prereleases=True):
         raise ImportError(
             f"moslora.peft supports peft{SUPPORTED_PEFT}, but peft {version} is installed: it "
@@ -109,7 +110,7 @@ def add_peft_type(name: str) -> PeftType:
     return member
 
 
-check_peft_version(peft.__version__)
+check_peft_version()
 PEFT_TYPE = add_peft_type(METHOD_NAME.upper())
 
 
