@@ -150,7 +150,7 @@ def test_save_holds_each_kind_once_whatever_the_layer_count(layers, tmp_path):
 
 def test_unsupported_peft_version_is_refused_with_a_clear_message(monkeypatch):
     check_peft_version()  # the installed one passes
-    for version in ("0.17.1", "0.22.0", "1.0.0"):
+    for version in ("0.20.0", "0.22.0", "1.0.0"):
         monkeypatch.setattr(peft, "__version__", version)
         with pytest.raises(ImportError, match=rf"supports peft.*but peft {version} is installed"):
             check_peft_version()

@@ -71,9 +71,11 @@ from .layer import (
 from .model import UnwrappedView, build_pools, find_targets, group_kinds
 from .pools import ShardPools
 
-# The PEFT versions this module's use of PEFT internals is tested with; keep equal to the
-# `peft` extra in pyproject.toml (tests/test_peft_plugin.py checks that they agree).
-SUPPORTED_PEFT = SpecifierSet(">=0.18.0,<0.22")
+# The PEFT versions this module's use of PEFT internals is tested with (0.21.0 and 0.21.2);
+# keep equal to the `peft` extra in pyproject.toml (tests/test_peft_plugin.py checks that they
+# agree). 0.21 is the first release whose save and load ask the tuner class how to name its
+# keys; up to 0.20 they branch on each built-in PeftType and would save our pools per layer.
+SUPPORTED_PEFT = SpecifierSet(">=0.21.0,<0.22")
 METHOD_NAME = "mos"
 PREFIX = "mos_"
 
