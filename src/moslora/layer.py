@@ -114,6 +114,12 @@ def add_to_weight(module: nn.Module, delta: Tensor) -> float:
     return set_dense_weight(module, updated.to(weight.dtype))
 
 
+def check_pools_fit(pools: ShardPools, d_in: int, d_out: int) -> None:
+    """Raise ``ValueError`` unless ``pools`` were sized for a ``d_in -> d_out`` layer."""
+    if (pools.plan.d_in, pools.plan.d_out) != (d_in, d_out):
+        raise ValueError(f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, layer is {d_in}->{d_out}")
+
+
 def _dense_copy(module: nn.Module) -> nn.Linear:
     """A dense ``nn.Linear`` with a quantized layer's dequantized weight and its bias."""
     weight = dense_weight(module)
@@ -151,11 +157,7 @@ class MoSLinear(nn.Module):
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
         keep_4bit_layout_stable(base_layer)
-        if (pools.plan.d_in, pools.plan.d_out) != (self.d_in, self.d_out):
-            raise ValueError(
-                f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "
-                f"layer is {self.d_in}->{self.d_out}"
-            )
+        check_pools_fit(pools, self.d_in, self.d_out)
         self._pools = (pools,)  # a tuple, so nn.Module does not register it a second time
         self.layer_idx = layer_idx
         self.scaling = scaling

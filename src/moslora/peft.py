@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from .config import MoSConfig
 from .layer import (
     add_to_weight,
+    check_pools_fit,
     dense_update,
     keep_4bit_layout_stable,
     linear_shape,
@@ -170,11 +171,7 @@ class MoSPeftLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, pools: ShardPools, layer_idx: int, config: MoSPeftConfig) -> None:
         """Attach adapter ``adapter_name`` (its pools for this kind and this layer's index)."""
-        if (pools.plan.d_in, pools.plan.d_out) != (self.in_features, self.out_features):
-            raise ValueError(
-                f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "
-                f"layer is {self.in_features}->{self.out_features}"
-            )
+        check_pools_fit(pools, self.in_features, self.out_features)
         self.mos_pools[adapter_name] = pools
         self.mos_layer_idx[adapter_name] = layer_idx
         self.mos_scaling[adapter_name] = config.scaling
