@@ -201,7 +201,8 @@ class MoSPeftLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name in self.mos_pools:
                 a, b = self.factors(name)
-                y = y + low_rank_update(x, a, b, self.mos_scaling[name], self.mos_dropout[name]).to(y.dtype)
+                update = low_rank_update(x, a, b, self.mos_scaling[name], self.mos_dropout[name])
+                y = y + update.to(y.dtype)
         return y
 
     @torch.no_grad()
@@ -290,7 +291,8 @@ class MoSPeftModel(BaseTuner):
         if isinstance(target, MoSPeftLayer):
             target.update_layer(adapter_name, pools, idx, peft_config)
         else:
-            self._replace_module(parent, target_name, MoSPeftLayer(target, adapter_name, pools, idx, peft_config), target)
+            layer = MoSPeftLayer(target, adapter_name, pools, idx, peft_config)
+            self._replace_module(parent, target_name, layer, target)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` from every layer, and its pools."""
