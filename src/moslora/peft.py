@@ -169,7 +169,9 @@ class MoSPeftLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, pools, layer_idx, config)
 
-    def update_layer(self, adapter_name: str, pools: ShardPools, layer_idx: int, config: MoSPeftConfig) -> None:
+    def update_layer(
+        self, adapter_name: str, pools: ShardPools, layer_idx: int, config: MoSPeftConfig
+    ) -> None:
         """Attach adapter ``adapter_name`` (its pools for this kind and this layer's index)."""
         check_pools_fit(pools, self.in_features, self.out_features)
         self.mos_pools[adapter_name] = pools
