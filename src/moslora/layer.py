@@ -88,6 +88,38 @@ def keep_4bit_layout_stable(module: nn.Module) -> None:
         module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
 
 
+def low_rank_update(x: Tensor, a: Tensor, b: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
+    """The adapter's share of the output, ``scaling · B (A dropout(x))``.
+
+    ``x: (..., d_in)``, ``a: (r, d_in)``, ``b: (d_out, r)`` -> ``(..., d_out)`` in the factors'
+    dtype (the caller casts it to the base output's). Never forms the dense ``B A``.
+    """
+    h = dropout(x).to(a.dtype)
+    return F.linear(F.linear(h, a), b) * scaling
+
+
+def dense_update(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """The dense update ``scaling · B A``: ``(d_out, d_in)`` from ``a: (r, d_in)``, ``b: (d_out, r)``."""
+    return (b @ a) * scaling
+
+
+@torch.no_grad()
+def add_to_weight(module: nn.Module, delta: Tensor) -> float:
+    """``W += delta`` for a supported layer (``delta: (d_out, d_in)``), summed in float32.
+
+    Returns the max abs storage error (non-zero for a 4-bit weight, which is requantized).
+    """
+    weight = dense_weight(module)
+    updated = weight.float() + delta.float().to(weight.device)
+    return set_dense_weight(module, updated.to(weight.dtype))
+
+
+def check_pools_fit(pools: ShardPools, d_in: int, d_out: int) -> None:
+    """Raise ``ValueError`` unless ``pools`` were sized for a ``d_in -> d_out`` layer."""
+    if (pools.plan.d_in, pools.plan.d_out) != (d_in, d_out):
+        raise ValueError(f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, layer is {d_in}->{d_out}")
+
+
 def _dense_copy(module: nn.Module) -> nn.Linear:
     """A dense ``nn.Linear`` with a quantized layer's dequantized weight and its bias."""
     weight = dense_weight(module)
@@ -125,11 +157,7 @@ class MoSLinear(nn.Module):
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
         keep_4bit_layout_stable(base_layer)
-        if (pools.plan.d_in, pools.plan.d_out) != (self.d_in, self.d_out):
-            raise ValueError(
-                f"pools are for {pools.plan.d_in}->{pools.plan.d_out}, "
-                f"layer is {self.d_in}->{self.d_out}"
-            )
+        check_pools_fit(pools, self.d_in, self.d_out)
         self._pools = (pools,)  # a tuple, so nn.Module does not register it a second time
         self.layer_idx = layer_idx
         self.scaling = scaling
@@ -149,17 +177,14 @@ class MoSLinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """The dense update ``(alpha/r) · B A``: ``(d_out, d_in)``."""
-        a, b = self.factors()
-        return (b @ a) * self.scaling
+        return dense_update(*self.factors(), self.scaling)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """``x: (..., d_in) -> (..., d_out)``."""
         y = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return y
-        a, b = self.factors()
-        h = self.dropout(x).to(a.dtype)
-        return y + (F.linear(F.linear(h, a), b) * self.scaling).to(y.dtype)
+        return y + low_rank_update(x, *self.factors(), self.scaling, self.dropout).to(y.dtype)
 
     @torch.no_grad()
     def merge(self, requantize: bool = False) -> None:
@@ -194,9 +219,7 @@ class MoSLinear(nn.Module):
         self.merged = False
 
     def _add_delta(self, sign: float) -> None:
-        weight = dense_weight(self.base_layer)
-        updated = weight.float() + sign * self.delta_weight().float().to(weight.device)
-        self.merge_error = set_dense_weight(self.base_layer, updated.to(weight.dtype))
+        self.merge_error = add_to_weight(self.base_layer, sign * self.delta_weight())
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, scaling={self.scaling:g}, merged={self.merged}"

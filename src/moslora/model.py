@@ -89,6 +89,37 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     return names
 
 
+class UnwrappedView:
+    """A model's module tree with each ``wrapper`` module replaced by its ``base_layer``.
+
+    ``find_targets`` and ``group_kinds`` only call ``named_modules()`` and
+    ``get_output_embeddings()``; on a model whose targets are already wrapped (serving, a second
+    PEFT adapter) they would see the wrappers instead of the linear layers that adapters are
+    built and saved against. Nothing is copied or modified.
+
+    Args:
+        model: the live model.
+        wrapper: the wrapper class (or tuple of classes); each has a ``base_layer`` attribute.
+    """
+
+    def __init__(self, model: nn.Module, wrapper: type | tuple[type, ...]) -> None:
+        self.model = model
+        self.wrapper = wrapper
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        inside = None  # prefix of a wrapper's children, which are skipped
+        for name, module in self.model.named_modules():
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(module, self.wrapper):
+                inside, module = name + ".", module.base_layer
+            yield name, module
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return head.base_layer if isinstance(head, self.wrapper) else head
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of linear layer: same path pattern and shape; its layers share pools."""

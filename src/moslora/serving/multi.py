@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..checkpoint import read_adapter
 from ..config import MoSConfig
 from ..layer import MoSLinear, dense_weight, linear_shape, set_dense_weight
-from ..model import Kind, build_pools
+from ..model import Kind, UnwrappedView, build_pools
 from .cache import FactorCache, Factors
 
 BASE = "__base__"
@@ -345,7 +345,7 @@ class MultiAdapterModel(nn.Module):
 
     def _read(self, path: Path) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
         """``checkpoint.read_adapter`` against the base as it was before we wrapped it."""
-        return read_adapter(self.base_model, path, view=_UnwrappedView(self.base_model))
+        return read_adapter(self.base_model, path, view=UnwrappedView(self.base_model, MultiAdapterLinear))
 
     def _factors(self, name: str) -> Factors:
         """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled."""
@@ -417,31 +417,6 @@ class MultiAdapterModel(nn.Module):
     def _unwrap(self, module_name: str) -> None:
         owner, child = _owner(self.base_model, module_name)
         setattr(owner, child, self._layers.pop(module_name).base_layer)
-
-
-class _UnwrappedView:
-    """The base's module tree with each ``MultiAdapterLinear`` replaced by its base layer.
-
-    ``find_targets`` and ``group_kinds`` only call ``named_modules()`` and
-    ``get_output_embeddings()``; on the live base they would see our wrappers instead of the
-    linear layers that adapters were saved against. Nothing is copied or modified.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        inside = None  # prefix of a wrapper's children, which are skipped
-        for name, module in self.model.named_modules():
-            if inside is not None and name.startswith(inside):
-                continue
-            if isinstance(module, MultiAdapterLinear):
-                inside, module = name + ".", module.base_layer
-            yield name, module
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return head.base_layer if isinstance(head, MultiAdapterLinear) else head
 
 
 def _owner(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
