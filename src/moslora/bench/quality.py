@@ -650,12 +650,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
     first = records[0]
+    # bits: the capacity track's information stored; the per-seed values feed paired bootstraps
+    metrics = [m for m in ("accuracy", "loss", "bits") if f"test_{m}" in first]
     return {"label": first["label"], "adapter": first["run"]["adapter"], "lr": first["run"]["lr"],
             "seeds": [r["run"]["seed"] for r in records], "solved": first["solved"],
             "adapter_params": first["adapter_params"], "head_params": first["head_params"],
-            "adapter_bytes": first["adapter_bytes"], "accuracy": stats("test_accuracy"),
-            "loss": stats("test_loss"), "train_seconds": stats("train_seconds"),
-            "diverged": sum(r["diverged"] for r in records)}
+            "adapter_bytes": first["adapter_bytes"], **{m: stats(f"test_{m}") for m in metrics},
+            "per_seed": {m: [r[f"test_{m}"] for r in records] for m in metrics},
+            "train_seconds": stats("train_seconds"), "diverged": sum(r["diverged"] for r in records)}
 
 
 def _progress() -> Progress:

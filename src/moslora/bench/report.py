@@ -26,8 +26,8 @@ NAMES = {"lora": "PEFT LoRA", "vera": "PEFT VeRA", "vblora": "PEFT VB-LoRA", "mo
 
 def plot_quality(result: dict[str, Any], path: Path) -> None:
     """Accuracy vs adapter parameters (log x), one panel per track and task, every method."""
-    panels = [(t, task, data["results"]) for t, track in result["tracks"].items()
-              for task, data in track["tasks"].items()]
+    panels = [(t, task, data["results"]) for t, track in result["tracks"].items() if t != "capacity"
+              for task, data in track["tasks"].items()]  # capacity has its own (capacity.py)
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
@@ -109,6 +109,8 @@ def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3, runs: int =
 def quality_markdown(result: dict[str, Any]) -> str:
     lines = []
     for track, data in result["tracks"].items():
+        if track == "capacity":  # its own section (capacity.py)
+            continue
         spec = data["spec"]
         if "runs" in data:
             lines += [f"_{track} track: {data['runs']} distinct runs; recorded wall time per run: "
@@ -179,6 +181,12 @@ def results_markdown(results_dir: Path) -> str:
     if quality:
         parts += ["### Quality at matched budgets", "", quality_markdown(quality),
                   "![quality vs parameters](results/quality.png)", ""]
+    capacity = (quality or {}).get("tracks", {}).get("capacity")
+    if capacity:
+        from .capacity import capacity_markdown
+
+        parts += ["### Capacity: where rank matters", "", capacity_markdown(capacity),
+                  "![capacity](results/capacity.png)", ""]
     ablation = read_json(results_dir / "ablation.json")
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
@@ -199,6 +207,11 @@ def write_report(results_dir: Path = Path("results"), readme: Path = Path("READM
         data = read_json(results_dir / f"{name}.json")
         if data:
             plot(data, results_dir / f"{name}.png")
+    capacity = (read_json(results_dir / "quality.json") or {}).get("tracks", {}).get("capacity")
+    if capacity:
+        from .capacity import plot_capacity
+
+        plot_capacity(capacity, results_dir / "capacity.png")
     text = readme.read_text()
     body = f"{START}\n{results_markdown(results_dir)}{END}"
     if START in text and END in text:

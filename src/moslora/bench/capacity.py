@@ -1,0 +1,234 @@
+"""The capacity track's headline numbers, table and plot, from its section of quality.json.
+
+The question: at LoRA@e's parameter count, how much of LoRA@8e's gain over LoRA@e does MoS@e
+recover? Every number here is read off the per-seed results (``summarize``'s ``per_seed``)
+with a paired bootstrap over seeds: each resample draws seed indices with replacement and
+applies the same draw to every setting compared, since seed s means the same data order
+and the same evaluation items for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .report import COLORS, NAMES, _save  # noqa: E402
+
+# the metrics, and whether larger is better
+METRICS = {"accuracy": True, "bits": True, "loss": False}
+METRIC_NAMES = {"accuracy": "exact match", "bits": "bits stored", "loss": "answer NLL/token"}
+RESAMPLES = 4000
+Row = dict[str, Any]
+
+
+def find(rows: list[Row], method: str, budget: int, rank: int | None = None, tag: str = "") -> Row | None:
+    return next((r for r in rows if r["adapter"]["method"] == method and r["adapter"]["budget"] == budget
+                 and (rank is None or r["adapter"]["rank"] == rank) and r["adapter"]["tag"] == tag), None)
+
+
+def bootstrap(statistic: Callable[..., float], rows: list[Row], metric: str) -> dict[str, float]:
+    """``statistic`` of the rows' per-seed means, and its 95 % paired-bootstrap interval."""
+    values = [r["per_seed"][metric] for r in rows]
+    n = len(values[0])
+    point = statistic(*(statistics.fmean(v) for v in values))
+    rng = random.Random(0)
+    draws = []
+    for _ in range(RESAMPLES):
+        pick = [rng.randrange(n) for _ in range(n)]
+        draws.append(statistic(*(statistics.fmean(v[i] for i in pick) for v in values)))
+    finite = sorted(d for d in draws if math.isfinite(d))
+    if not finite:
+        return {"value": point, "low": math.nan, "high": math.nan}
+    return {"value": point, "low": finite[int(0.025 * len(finite))],
+            "high": finite[min(len(finite) - 1, int(0.975 * len(finite)))]}
+
+
+def recovery(mos: float, low: float, high: float) -> float:
+    """(MoS@e - LoRA@e) / (LoRA@8e - LoRA@e): 0 = no better than LoRA@e, 1 = all of LoRA@8e."""
+    return (mos - low) / (high - low) if high != low else math.nan
+
+
+def paired_gap(low: Row, high: Row, metric: str) -> dict[str, float]:
+    """LoRA@8e - LoRA@e per seed (signed so that positive is better): mean, paired SE, mean/SE."""
+    sign = 1 if METRICS[metric] else -1
+    diffs = [sign * (h - l) for h, l in zip(high["per_seed"][metric], low["per_seed"][metric])]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    mean = statistics.fmean(diffs)
+    return {"mean": mean, "se": se, "z": mean / se if se else math.inf}
+
+
+def worth(lora: list[Row], params: int, metric: str) -> Callable[[float], float]:
+    """A function: MoS's metric -> the LoRA parameter count, on LoRA's quality-vs-log(params)
+    curve (piecewise linear), that reaches it, divided by ``params``. Outside LoRA's range
+    it is 0 (below its smallest rank) or inf (above its largest)."""
+    points = sorted((r["adapter_params"], statistics.fmean(r["per_seed"][metric])) for r in lora)
+    sign = 1 if METRICS[metric] else -1
+
+    def k(value: float) -> float:
+        v = sign * value
+        if v < sign * points[0][1]:
+            return 0.0
+        for (p0, q0), (p1, q1) in zip(points, points[1:]):
+            q0, q1 = sign * q0, sign * q1
+            if q0 <= v <= q1 and q1 > q0:
+                t = (v - q0) / (q1 - q0)
+                return math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0))) / params
+        return math.inf if v > max(sign * q for _, q in points) else math.nan
+
+    return k
+
+
+def headline(track: dict[str, Any]) -> dict[str, Any]:
+    """Gap recovery, "worth LoRA at k x", ablation deltas and the low-data curve."""
+    spec = track["spec"]
+    first, *others = track["tasks"]
+    rows = track["tasks"][first]["results"]
+    metrics = [m for m in METRICS if m in rows[0]["per_seed"]]
+    out: dict[str, Any] = {"task": first, "budgets": {}, "ablation": {}, "low_data": {}}
+    lora = [r for r in rows if r["adapter"]["method"] == "lora"]
+    for e in spec["budgets"]:
+        low, high = find(rows, "lora", e, e), find(rows, "lora", 8 * e, 8 * e)
+        entry: dict[str, Any] = {"lora_gap": {m: paired_gap(low, high, m) for m in metrics}, "mos": []}
+        for mos in (r for r in rows if r["adapter"]["method"] == "mos" and r["adapter"]["budget"] == e
+                    and not r["adapter"]["tag"]):
+            entry["mos"].append({
+                "label": mos["label"], "params": mos["adapter_params"],
+                "recovery": {m: bootstrap(recovery, [mos, low, high], m) for m in metrics},
+                "worth": {m: bootstrap(worth(lora, mos["adapter_params"], m), [mos], m) for m in metrics}})
+        out["budgets"][e] = entry
+    ablated = next(r["adapter"] for r in rows if r["adapter"]["tag"])  # its untagged twin is "full"
+    full = find(rows, "mos", ablated["budget"], ablated["rank"])
+    out["ablation"] = {"full": full["label"], "deltas": {
+        r["adapter"]["tag"]: {"params": r["adapter_params"],
+                              **{m: bootstrap(lambda v, f: v - f, [r, full], m) for m in metrics}}
+        for r in rows if r["adapter"]["tag"]}}
+    sizes = {task: track["tasks"][task]["results"] for task in [first, *others]}
+    e = spec["budgets"][0]
+    for task, task_rows in sorted(sizes.items(), key=lambda kv: int(kv[0].partition(":")[2] or 0)):
+        low, high = find(task_rows, "lora", e, e), find(task_rows, "lora", 8 * e, 8 * e)
+        mos = find(task_rows, "mos", e, 8 * e)
+        out["low_data"][task] = {
+            "lora_e": {m: low[m] for m in metrics}, "lora_8e": {m: high[m] for m in metrics},
+            "mos": {m: mos[m] for m in metrics},
+            "lora_gap": {m: paired_gap(low, high, m) for m in metrics},
+            "recovery": {m: bootstrap(recovery, [mos, low, high], m) for m in metrics}}
+    return out
+
+
+def _ci(b: dict[str, float], digits: int = 2) -> str:
+    return f"{b['value']:.{digits}f} [{b['low']:.{digits}f}, {b['high']:.{digits}f}]"
+
+
+def _k(b: dict[str, float]) -> str:
+    def one(x: float) -> str:
+        return "<1 (below LoRA@e)" if x == 0 else ">16 (above LoRA@16)" if math.isinf(x) else f"{x:.1f}"
+    return f"{one(b['value'])}× [{one(b['low'])}, {one(b['high'])}]"
+
+
+def capacity_markdown(track: dict[str, Any]) -> str:
+    """The README's capacity section: the headline numbers, then every setting's row."""
+    h = headline(track)
+    spec = track["spec"]
+    rows = track["tasks"][h["task"]]["results"]
+    metrics = [m for m in METRICS if m in rows[0]["per_seed"]]
+    seeds = len(rows[0]["seeds"])
+    rates = track["tasks"][h["task"]]["learning_rates"]
+    lines = [f"**capacity · {h['task']}** (SmolLM2-135M-Instruct memorizing made-up facts, all seven "
+             f"linear kinds; {spec['epochs']:g} epochs × batch {spec['batch_size']}, {seeds} seeds paired "
+             f"by data order, scored on the trained facts; chance = ln 99 nats/token; learning rates: "
+             + ", ".join(f"{k} {v['lr']:.1e}" for k, v in rates.items()) + ")", ""]
+    for e, entry in h["budgets"].items():
+        gap = entry["lora_gap"]
+        lines.append(f"- **e = {e}**: LoRA@{8 * int(e)} − LoRA@{e} = " + "; ".join(
+            f"{METRIC_NAMES[m]} {gap[m]['mean']:+.3g} ({gap[m]['z']:.1f} paired SE)" for m in metrics))
+        for mos in entry["mos"]:
+            lines.append(f"  - {mos['label']}: gap recovered " + "; ".join(
+                f"{METRIC_NAMES[m]} {_ci(mos['recovery'][m])}" for m in metrics)
+                + "; worth LoRA at " + ", ".join(f"{_k(mos['worth'][m])} ({METRIC_NAMES[m]})"
+                                                 for m in ("accuracy", "bits") if m in metrics))
+    lines += ["", f"Ablation ({h['ablation']['full']}, Δ vs full, 95 % paired-bootstrap interval):", "",
+              "| variant | params | " + " | ".join(f"Δ {METRIC_NAMES[m]}" for m in metrics) + " |",
+              "|---|---:|" + "---:|" * len(metrics)]
+    for tag, d in h["ablation"]["deltas"].items():
+        lines.append(f"| {tag} | {d['params']:,} | " + " | ".join(_ci(d[m], 3) for m in metrics) + " |")
+    e = spec["budgets"][0]
+    lines += ["", f"Low-data curve (e = {e}: LoRA r={e}, LoRA r={8 * e}, MoS r={8 * e}; exact match, "
+                  "mean ± std):", "",
+              f"| facts | LoRA@{e} | LoRA@{8 * e} | MoS@{e} | LoRA gap (paired SE) | MoS gap recovered |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for task, d in h["low_data"].items():
+        m = "accuracy"
+        lines.append(f"| {task.partition(':')[2]} | {_pmstat(d['lora_e'][m])} | {_pmstat(d['lora_8e'][m])} | "
+                     f"{_pmstat(d['mos'][m])} | {d['lora_gap'][m]['mean']:+.3f} ({d['lora_gap'][m]['z']:.1f}) | "
+                     f"{_ci(d['recovery'][m])} |")
+    lines += ["", "| setting | adapter params | adapter bytes | lr | " +
+              " | ".join(METRIC_NAMES[m] for m in metrics) + " |", "|---|---:|---:|---:|" + "---:|" * len(metrics)]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['adapter_params']:,} | {r['adapter_bytes']:,} | {r['lr']:.1e} | "
+                     + " | ".join(_pmstat(r[m], 3 if m != "bits" else 0) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pmstat(stat: dict[str, float], digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def plot_capacity(track: dict[str, Any], path: Path) -> None:
+    """Exact match and bits stored vs trainable parameters (log x), every method, mean ± std;
+    and the low-data curve."""
+    h = headline(track)
+    rows = track["tasks"][h["task"]]["results"]
+    metrics = [m for m in ("accuracy", "bits") if m in rows[0]["per_seed"]]
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5.5 * (len(metrics) + 1), 4.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in COLORS:
+            mine = sorted((r for r in rows if r["adapter"]["method"] == method),
+                          key=lambda r: r["adapter_params"])
+            if not mine:
+                continue
+            if method == "none":
+                ax.axhline(mine[0][metric]["mean"], color=COLORS[method], linestyle=":", label=NAMES[method])
+                continue
+            plain = [r for r in mine if not r["adapter"]["tag"]]
+            ax.errorbar([r["adapter_params"] for r in plain], [r[metric]["mean"] for r in plain],
+                        yerr=[r[metric]["std"] for r in plain], color=COLORS[method], marker="o",
+                        capsize=3, label=NAMES[method], linestyle="-" if method == "lora" else "none")
+            for r in plain if method in ("lora", "mos") else []:
+                note = f"r={r['adapter']['rank']}" + (f",e={r['adapter']['budget']}" if method == "mos" else "")
+                ax.annotate(note, (r["adapter_params"], r[metric]["mean"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
+            tagged = [r for r in mine if r["adapter"]["tag"]]
+            if tagged:
+                ax.errorbar([r["adapter_params"] for r in tagged], [r[metric]["mean"] for r in tagged],
+                            yerr=[r[metric]["std"] for r in tagged], color=COLORS[method], marker="x",
+                            capsize=2, linestyle="none", alpha=0.6, label="MoS ablations")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters")
+        ax.set_ylabel(f"{METRIC_NAMES[metric]} on the trained facts (mean ± std)")
+        ax.set_title(f"capacity · {h['task']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    sizes = [int(t.partition(":")[2]) for t in h["low_data"]]
+    e = track["spec"]["budgets"][0]
+    for key, label, color in (("lora_e", f"LoRA r={e}", COLORS["lora"]),
+                              ("lora_8e", f"LoRA r={8 * e}", "tab:cyan"),
+                              ("mos", f"MoS e={e} r={8 * e}", COLORS["mos"])):
+        stats = [d[key]["accuracy"] for d in h["low_data"].values()]
+        ax.errorbar(sizes, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o",
+                    capsize=3, color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("facts trained on (same epochs)")
+    ax.set_ylabel("exact match (mean ± std)")
+    ax.set_title("low-data curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
