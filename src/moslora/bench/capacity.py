@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import COLORS, NAMES, _save  # noqa: E402
+from .report import COLORS, _save, draw_methods  # noqa: E402
 
 # the metrics, and whether larger is better
 METRICS = {"accuracy": True, "bits": True, "loss": False}
@@ -189,33 +189,10 @@ def plot_capacity(track: dict[str, Any], path: Path) -> None:
     metrics = [m for m in ("accuracy", "bits") if m in rows[0]["per_seed"]]
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5.5 * (len(metrics) + 1), 4.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for method in COLORS:
-            mine = sorted((r for r in rows if r["adapter"]["method"] == method),
-                          key=lambda r: r["adapter_params"])
-            if not mine:
-                continue
-            if method == "none":
-                ax.axhline(mine[0][metric]["mean"], color=COLORS[method], linestyle=":", label=NAMES[method])
-                continue
-            plain = [r for r in mine if not r["adapter"]["tag"]]
-            ax.errorbar([r["adapter_params"] for r in plain], [r[metric]["mean"] for r in plain],
-                        yerr=[r[metric]["std"] for r in plain], color=COLORS[method], marker="o",
-                        capsize=3, label=NAMES[method], linestyle="-" if method == "lora" else "none")
-            for r in plain if method in ("lora", "mos") else []:
-                note = f"r={r['adapter']['rank']}" + (f",e={r['adapter']['budget']}" if method == "mos" else "")
-                ax.annotate(note, (r["adapter_params"], r[metric]["mean"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
-            tagged = [r for r in mine if r["adapter"]["tag"]]
-            if tagged:
-                ax.errorbar([r["adapter_params"] for r in tagged], [r[metric]["mean"] for r in tagged],
-                            yerr=[r[metric]["std"] for r in tagged], color=COLORS[method], marker="x",
-                            capsize=2, linestyle="none", alpha=0.6, label="MoS ablations")
-        ax.set_xscale("log")
+        draw_methods(ax, rows, metric)
         ax.set_xlabel("trainable adapter parameters")
         ax.set_ylabel(f"{METRIC_NAMES[metric]} on the trained facts (mean ± std)")
         ax.set_title(f"capacity · {h['task']}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     ax = axes[0][-1]
     sizes = [int(t.partition(":")[2]) for t in h["low_data"]]
     e = track["spec"]["budgets"][0]

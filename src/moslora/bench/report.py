@@ -32,32 +32,40 @@ def plot_quality(result: dict[str, Any], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (track, task, rows) in zip(axes[0], panels):
-        for method in COLORS:
-            mine = sorted((r for r in rows if r["adapter"]["method"] == method),
-                          key=lambda r: r["adapter_params"])
-            if not mine:
-                continue
-            if method == "none":
-                ax.axhline(mine[0]["accuracy"]["mean"], color=COLORS[method], linestyle=":",
-                           label=NAMES[method])
-                continue
-            ax.errorbar([r["adapter_params"] for r in mine], [r["accuracy"]["mean"] for r in mine],
-                        yerr=[r["accuracy"]["std"] for r in mine], color=COLORS[method],
-                        marker="o", capsize=3, label=NAMES[method],
-                        linestyle="-" if method == "lora" else "none")
-            for r in mine:
-                if method in ("lora", "mos"):
-                    note = f"r={r['adapter']['rank']}" + (f",e={r['adapter']['budget']}" if method == "mos" else "")
-                    ax.annotate(note, (r["adapter_params"], r["accuracy"]["mean"]), fontsize=7,
-                                textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
-        ax.set_xscale("log")
+        draw_methods(ax, rows, "accuracy")
         ax.set_xlabel("trainable adapter parameters (head excluded)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"{track} · {task}")
-        ax.grid(alpha=0.3)
-    for ax in axes[0]:
-        ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def draw_methods(ax: Any, rows: list[dict[str, Any]], metric: str) -> None:
+    """One series per method on log-parameter axes: ``metric`` mean ± std over seeds, LoRA's
+    points joined, ranks noted for LoRA and MoS, the zero-shot base as a dotted line, and
+    ablation variants (tagged MoS rows) as crosses."""
+    for method in COLORS:
+        mine = sorted((r for r in rows if r["adapter"]["method"] == method),
+                      key=lambda r: r["adapter_params"])
+        if not mine:
+            continue
+        if method == "none":
+            ax.axhline(mine[0][metric]["mean"], color=COLORS[method], linestyle=":", label=NAMES[method])
+            continue
+        plain = [r for r in mine if not r["adapter"].get("tag")]
+        tagged = [r for r in mine if r["adapter"].get("tag")]
+        for group, style in ((plain, dict(marker="o", label=NAMES[method])),
+                             (tagged, dict(marker="x", alpha=0.6, label="MoS ablations"))):
+            if group:
+                ax.errorbar([r["adapter_params"] for r in group], [r[metric]["mean"] for r in group],
+                            yerr=[r[metric]["std"] for r in group], color=COLORS[method], capsize=3,
+                            linestyle="-" if method == "lora" else "none", **style)
+        for r in plain if method in ("lora", "mos") else []:
+            note = f"r={r['adapter']['rank']}" + (f",e={r['adapter']['budget']}" if method == "mos" else "")
+            ax.annotate(note, (r["adapter_params"], r[metric]["mean"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_ablation(result: dict[str, Any], path: Path) -> None:
