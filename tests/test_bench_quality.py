@@ -190,3 +190,27 @@ def test_vera_matches_the_lora_count_and_runs_once_when_capped():
     assert quality.vera_rank(wide, 4)[0] == quality.vera_rank(wide, 8)[0] == quality.VERA_MAX_RANK
     methods = [a.method for a in quality.suite((4, 8), 6, wide)]
     assert methods.count("vera") == 1 and methods.count("vblora") == 2
+
+
+def test_quick_capacity_track_end_to_end(tmp_path):
+    """The capacity track's smoke run: every setting, memorization metrics, its report."""
+    from moslora.bench import capacity
+
+    result = quality.run_quality(quick=True, results_dir=tmp_path, tracks=["capacity"])
+    track = result["tracks"]["capacity"]
+    rows = track["tasks"]["facts:256"]["results"]
+    labels = {r["label"] for r in rows}
+    assert {"LoRA r=1", "LoRA r=8", "MoS e=1 r=8", "MoS e=1 r=30", "no adapter (zero-shot)",
+            "MoS e=2 r=16 (pure sharing)", "MoS e=2 r=16 (no privatization)"} <= labels
+    for r in rows:
+        assert set(r["per_seed"]) == {"accuracy", "loss", "bits"}, r["label"]
+        assert all(math.isfinite(v) for vs in r["per_seed"].values() for v in vs), r["label"]
+        assert 0 <= r["accuracy"]["mean"] <= 1
+    mos = next(r for r in rows if r["label"] == "MoS e=1 r=8")
+    lora = next(r for r in rows if r["label"] == "LoRA r=1")
+    assert mos["adapter_params"] == lora["adapter_params"]  # MoS@e costs LoRA@e, at r = 8e
+    text = capacity.capacity_markdown(track)
+    assert "gap recovered" in text and "worth LoRA" in text
+    report.write_report(tmp_path / "quick", tmp_path / "README.md")
+    assert "### Capacity: where rank matters" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "quick" / "capacity.png").stat().st_size > 10_000
