@@ -108,12 +108,17 @@ def _assert_loads_or_rejects(path: Path) -> None:
         return
     # Anything else propagates and fails the test, with hypothesis' minimal failing input.
     TALLY["loaded"] += 1
-    with torch.no_grad():
-        assert torch.isfinite(model(TOKENS).logits).all()
     on_disk = load_file(path / WEIGHTS_NAME)
     loaded = model.mos_pools.state_dict()
+    floats = [v for v in loaded.values() if v.is_floating_point()]
     # The loader promises no NaN/Inf in what it attaches (finite logits alone can hide one).
-    assert all(torch.isfinite(v).all() for v in loaded.values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in floats)
+    # A flipped exponent bit can leave a finite but huge weight (1e30): it loads faithfully
+    # and overflows in the forward pass, a property of the weights, not of the file (as in
+    # SPECIAL below). Weights of a sane size must give finite logits.
+    if all(v.abs().max() < 1e4 for v in floats if v.numel()):
+        with torch.no_grad():
+            assert torch.isfinite(model(TOKENS).logits).all()
     assert set(loaded) == set(on_disk)
     for key, value in loaded.items():
         assert torch.equal(value, on_disk[key].to(value.dtype)), key
