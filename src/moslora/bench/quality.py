@@ -50,6 +50,7 @@ from ..data import (Example, Task, answer_scores, answer_window, classification_
                     load_task, tokenize_example)
 from ..layer import linear_shape
 from ..model import find_targets
+from ..noise import peft_calls
 from .runs import RunStore, environment, read_json, write_json
 
 TRACKS = ("encoder", "llm", "capacity")
@@ -168,6 +169,12 @@ def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: in
                          shards_per_vector=adapter.shards, subset_selection=adapter.subset,
                          pair_dissociation=adapter.pair, **common))
         return get_mos_model(base, cfg), {}
+    with peft_calls():
+        return _attach_peft(base, adapter, targets, dims, seed)
+
+
+def _attach_peft(base: nn.Module, adapter: Adapter, targets: list[str] | str,
+                 dims: list[tuple[int, int]], seed: int) -> tuple[nn.Module, dict]:
     from peft import LoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 
     if adapter.method == "lora":
