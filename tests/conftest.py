@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import random
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 LLAMA_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,3 +53,26 @@ def tokens():
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def replayable_rng(name: str) -> random.Random:
+    """A fresh random seed per run (kill timings should vary), printed so that a failure
+    can be replayed: pytest shows a failed test's output; set MOSLORA_TEST_SEED to rerun it."""
+    seed = int(os.environ.get("MOSLORA_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"{name}: seed {seed} (replay with MOSLORA_TEST_SEED={seed})")
+    return random.Random(seed)
+
+
+@st.composite
+def budgets(draw, max_budget: int = 8, max_layers: int = 12, max_width: int = 24):
+    """Configurations drawn valid by construction (l divides the widths, p < e, the rank
+    within what subset selection allows), so the property holds its assertions on nearly
+    every example; the solver may still refuse a few, which ``assume`` discards."""
+    l = draw(st.sampled_from([1, 2, 3, 4]))
+    e, layers = draw(st.integers(1, max_budget)), draw(st.integers(1, max_layers))
+    subset = draw(st.booleans())
+    p = draw(st.integers(0, e - 1))
+    top = p + (e - p) * layers  # a layer's public ranks must fit in the pool, routed or not
+    r = draw(st.integers(max(1, p), max(1, p, min(64, top))))
+    return dict(e=e, r=r, l=l, p=p, layers=layers, subset=subset,
+                d_in=l * draw(st.integers(1, max_width)), d_out=l * draw(st.integers(1, max_width)))

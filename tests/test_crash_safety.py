@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_llama
+from conftest import randomize_adapter, replayable_rng, tiny_llama
 from safetensors.torch import load_file
 
 from moslora import MoSConfig, MoSModel, export_peft_lora, get_mos_model
@@ -107,7 +107,7 @@ def test_sigkill_leaves_a_complete_old_or_new_directory(mode, references, zygote
     expected = {name: read(references / f"{prefix}_{name}") for name in "AB"}
     target = tmp_path / "adapter"
     _copy_dir(references / f"{prefix}_A", target)  # an existing checkpoint to write over
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    rng = replayable_rng(f"sigkill-{mode}")
     seen = {"A": 0, "B": 0}
     staging_left = 0
     for kill in range(KILLS):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,8 @@ from moslora import MoSConfig, get_mos_model
 from moslora.assets import default_model_path
 from moslora.checkpoint import load_adapter_weights
 from moslora.train import last_checkpoint
+
+from conftest import replayable_rng
 
 KILLS = int(os.environ.get("MOSLORA_TRAIN_KILLS", "12"))
 KILLS_PER_CHAIN = 4
@@ -180,7 +181,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(zygote, mos_model, 
     expected = _adapter(tmp_path / "reference")
     assert any("pool_B" in k and v.abs().sum() > 0 for k, v in expected.items())  # training moved B
 
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    rng = replayable_rng("killed-training")
     kills, mid_checkpoint, chains, resumed_from = 0, 0, 0, set()
     while kills < KILLS:
         out = tmp_path / f"chain{chains}"

@@ -236,9 +236,9 @@ def random_llama(tokenizer) -> LlamaForCausalLM:
                                         vocab_size=len(tokenizer), initializer_range=0.5)).eval()
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_accuracy_on_an_oracle_is_exact(tokenizer, padding_side, monkeypatch):
-    monkeypatch.setattr(tokenizer, "padding_side", padding_side)
+# scoring pads left whatever the tokenizer's padding_side says (data._forward_batches), so no
+# test here varies it
+def test_accuracy_on_an_oracle_is_exact(tokenizer):
     examples, cue, words = reviews(tokenizer)
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in reversed(words))
     oracle = Oracle(len(tokenizer), cue, yes_id=yes, no_id=no)
@@ -249,10 +249,7 @@ def test_accuracy_on_an_oracle_is_exact(tokenizer, padding_side, monkeypatch):
 
 
 @pytest.mark.parametrize("max_length", [12, 256])  # 12 truncates every prompt
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_one_pass_label_scoring_equals_scoring_each_word(tokenizer, max_length, padding_side,
-                                                         monkeypatch):
-    monkeypatch.setattr(tokenizer, "padding_side", padding_side)
+def test_one_pass_label_scoring_equals_scoring_each_word(tokenizer, max_length):
     tiny = random_llama(tokenizer)
     examples, _, _ = reviews(tokenizer)
     examples = examples + [Example(f"Tell me more, {i}.", "", 0) for i in range(9)]
@@ -300,16 +297,14 @@ def test_loss_matches_the_models_own_loss(tiny, tokenizer):
 
 
 @pytest.mark.parametrize("model_name", ["tiny", "tiny_gpt2"])
-def test_scores_do_not_depend_on_batching_or_padding(model_name, tokenizer, monkeypatch, request):
+def test_scores_do_not_depend_on_batching_or_padding(model_name, tokenizer, request):
     model = request.getfixturevalue(model_name)
     examples, _, _ = reviews(tokenizer)
     examples = [Example(e.prompt, "positive" if e.label else "a negative one") for e in examples]
     alone = completion_logprobs(model, tokenizer, examples, batch_size=1)
-    for side in ("right", "left"):
-        monkeypatch.setattr(tokenizer, "padding_side", side)
-        batched = completion_logprobs(model, tokenizer, examples, batch_size=4)
-        assert [n for _, n in batched] == [n for _, n in alone]
-        assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
+    batched = completion_logprobs(model, tokenizer, examples, batch_size=4)  # padded rows
+    assert [n for _, n in batched] == [n for _, n in alone]
+    assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
 
 
 def test_evaluate_uses_the_tasks_metric_and_keeps_the_mode(tiny, tokenizer):

@@ -1,11 +1,13 @@
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moslora import MoSConfig, ShardPools, solve_pools
 from moslora.pools import kind_generator, route
+
+from conftest import budgets
 
 
 def make_pools(layers=6, d_in=16, d_out=24, **kw) -> ShardPools:
@@ -104,27 +106,30 @@ def test_gradients_reach_only_the_routed_shards():
     assert pools.private_A.grad[[0, 1, 3, 4, 5]].abs().sum() == 0
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    e=st.integers(1, 4), r=st.integers(1, 12), l=st.sampled_from([1, 2, 4]),
-    p=st.integers(0, 4), layers=st.integers(1, 6), d_in=st.sampled_from([4, 8, 12]),
-    d_out=st.sampled_from([4, 8, 16]), subset=st.booleans(), pair=st.booleans(),
-    seed=st.integers(0, 10),
-)
-def test_vectorized_assembly_equals_reference(e, r, l, p, layers, d_in, d_out, subset, pair, seed):
-    try:
-        cfg = MoSConfig(rank=r, budget_rank=e, shards_per_vector=l, private_rank=p,
-                        subset_selection=subset, pair_dissociation=pair, seed=seed)
-        plan = solve_pools(cfg, layers, d_in, d_out)
-    except ValueError:
-        return
-    pools = ShardPools(plan, cfg, kind_generator(seed, "k"))
-    with torch.no_grad():
-        for param in pools.parameters():
-            param.normal_()
-    for k in range(layers):
-        a, b = pools.factors(k)
-        ra, rb = assemble_by_loop(pools, k)
-        assert a.shape == (r, d_in) and b.shape == (d_out, r)
-        assert torch.equal(a, ra) and torch.equal(b, rb)
-    assert sum(x.numel() for x in pools.parameters()) == plan.total_params
+def test_vectorized_assembly_equals_reference():
+    tally = {"asserted": 0, "refused": 0}
+
+    @settings(max_examples=150, deadline=None)
+    @given(c=budgets(max_budget=4, max_layers=6, max_width=4), pair=st.booleans(), seed=st.integers(0, 10))
+    def check(c, pair, seed):
+        try:
+            cfg = MoSConfig(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"], private_rank=c["p"],
+                            subset_selection=c["subset"], pair_dissociation=pair, seed=seed)
+            plan = solve_pools(cfg, c["layers"], c["d_in"], c["d_out"])
+        except ValueError:
+            tally["refused"] += 1
+            assume(False)
+        pools = ShardPools(plan, cfg, kind_generator(seed, "k"))
+        with torch.no_grad():
+            for param in pools.parameters():
+                param.normal_()
+        for k in range(c["layers"]):
+            a, b = pools.factors(k)
+            ra, rb = assemble_by_loop(pools, k)
+            assert a.shape == (c["r"], c["d_in"]) and b.shape == (c["d_out"], c["r"])
+            assert torch.equal(a, ra) and torch.equal(b, rb)
+        assert sum(x.numel() for x in pools.parameters()) == plan.total_params
+        tally["asserted"] += 1
+
+    check()
+    assert tally["asserted"] >= 0.9 * sum(tally.values()), tally
