@@ -1,4 +1,4 @@
-"""The ``moslora`` command: train, eval, info, merge, export-peft, serve, demo, selfcheck, bench."""
+"""The ``moslora`` command: train, eval, info, merge, export-peft/-gguf, serve, demo, selfcheck, bench."""
 
 from __future__ import annotations
 
@@ -458,6 +458,35 @@ def export_peft(
     mos, _ = _load_mos(adapter, model)
     export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory (of a Llama)"),
+    out_gguf: Path = typer.Argument(..., help="the .gguf file to write (a llama.cpp LoRA adapter)"),
+    model: Optional[str] = typer.Option(None, callback=_model,
+                                        help="the adapter's base model [default: the one it records, "
+                                             "else the embedded SmolLM2]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT_GGUF if it exists"),
+) -> None:
+    """Materialize an MoS adapter as a llama.cpp LoRA adapter (GGUF, rank r), for a GGUF base."""
+    from .checkpoint import read_adapter_config
+    from .llamacpp import check_output_file, export_gguf, gguf_targets
+
+    # everything that can be refused is refused before the base loads
+    try:
+        check_output_file(out_gguf, overwrite)
+    except OSError as err:
+        raise typer.BadParameter(str(err), param_hint="'out_gguf'") from None
+    with _usage_errors("adapter"):
+        fingerprint = read_adapter_config(adapter)["base_fingerprint"]
+    try:
+        gguf_targets(fingerprint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="'adapter'") from None
+    mos, _ = _load_mos(adapter, model)
+    export_gguf(mos, out_gguf, overwrite=overwrite)
+    typer.echo(f"wrote {out_gguf}")
 
 
 @app.command()
