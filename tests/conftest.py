@@ -11,6 +11,8 @@ import torch
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from moslora import MoSConfig, get_mos_model
+
 LLAMA_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,3 +78,18 @@ def budgets(draw, max_budget: int = 8, max_layers: int = 12, max_width: int = 24
     r = draw(st.integers(max(1, p), max(1, p, min(64, top))))
     return dict(e=e, r=r, l=l, p=p, layers=layers, subset=subset,
                 d_in=l * draw(st.integers(1, max_width)), d_out=l * draw(st.integers(1, max_width)))
+
+
+@pytest.fixture
+def saved_base_and_adapter(tmp_path):
+    """A tiny Llama saved as a local model folder (with a tokenizer) and an MoS adapter for it."""
+    from transformers import AutoTokenizer
+
+    from moslora.assets import default_model_path
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "base")
+    model = get_mos_model(tiny_llama(), MoSConfig(rank=3, budget_rank=2, private_rank=1))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", model

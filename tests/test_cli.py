@@ -65,21 +65,6 @@ def test_info_on_a_file_says_to_pass_the_directory(adapter_dir):
     assert "is a file; pass the adapter's directory" in flat(result.output)
 
 
-@pytest.fixture
-def saved_base_and_adapter(tmp_path):
-    """A tiny Llama saved as a local model folder (with a tokenizer) and an MoS adapter for it."""
-    from transformers import AutoTokenizer
-
-    from moslora.assets import default_model_path
-
-    tiny_llama().save_pretrained(tmp_path / "base")
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "base")
-    model = get_mos_model(tiny_llama(), MoSConfig(rank=3, budget_rank=2, private_rank=1))
-    randomize_adapter(model)
-    model.save_pretrained(tmp_path / "adapter")
-    return tmp_path / "base", tmp_path / "adapter", model
-
-
 def test_merge_saves_a_plain_model_with_the_adapters_outputs(saved_base_and_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 

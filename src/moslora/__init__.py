@@ -1,6 +1,6 @@
 """moslora: Mixture of Shards (MoS), LoRA with global shard pools (arXiv 2410.00938).
 
-    from moslora import MoSConfig, get_mos_model, MoSModel, export_peft_lora
+    from moslora import MoSConfig, get_mos_model, MoSModel, export_peft_lora, export_gguf
 """
 
 from .noise import silence_bitsandbytes_kernel_notice
@@ -10,6 +10,7 @@ silence_bitsandbytes_kernel_notice()  # before any import of peft or transformer
 from .checkpoint import CheckpointError, export_peft_lora
 from .config import MoSConfig, PoolPlan, solve_pools
 from .layer import MoSLinear
+from .llamacpp import export_gguf
 from .model import MoSModel, ParameterReport, get_mos_model
 from .pools import ShardPools
 
@@ -23,6 +24,7 @@ __all__ = [
     "ParameterReport",
     "PoolPlan",
     "ShardPools",
+    "export_gguf",
     "export_peft_lora",
     "get_mos_model",
     "solve_pools",

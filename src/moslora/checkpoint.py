@@ -287,6 +287,21 @@ def _checked_state(tensors: dict[str, Tensor], expected: dict[str, Tensor], path
 # ---------------------------------------------------------------------------- export
 
 
+def lora_factors(model: MoSModel, dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every adapted layer's dense LoRA factors, by module name: ``A: (r, d_in)``,
+    ``B: (d_out, r)``, so that the layer's update is ``(alpha/r) · B A``.
+
+    Detached, contiguous CPU copies, in ``dtype`` if given (else the pools' dtype); every
+    export format is written from these.
+    """
+    factors = {}
+    with torch.no_grad():
+        for name, layer in model.mos_layers.items():
+            a, b = layer.factors()
+            factors[name] = tuple(t.detach().to(dtype or t.dtype).contiguous().cpu() for t in (a, b))
+    return factors
+
+
 def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Materialize every layer's ``A, B`` into a standard PEFT LoRA directory of rank ``r``.
 
@@ -295,12 +310,9 @@ def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | 
     directory as the compact copy. Returns ``out_dir``.
     """
     tensors: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for name, layer in model.mos_layers.items():
-            a, b = layer.factors()
-            a, b = (t.detach().to(dtype or t.dtype).contiguous().cpu() for t in (a, b))
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    for name, (a, b) in lora_factors(model, dtype).items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
     cfg = model.mos_config
     peft_config = {
         "peft_type": "LORA",

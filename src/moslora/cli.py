@@ -1,4 +1,4 @@
-"""The ``moslora`` command: train, eval, info, merge, export-peft, serve, demo, selfcheck, bench."""
+"""The ``moslora`` command: train, eval, info, merge, export-peft/-gguf, serve, demo, selfcheck, bench."""
 
 from __future__ import annotations
 
@@ -413,15 +413,17 @@ def _check_new_directory(path: Path, overwrite: bool) -> None:
 
 
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace OUT_DIR if it already holds files")
+# parentheses, not brackets: rich reads "[...]" in a help text as markup and drops it
+_ADAPTER_BASE = typer.Option(None, "--model", callback=_model,
+                             help="the adapter's base model (default: the one it records, else the "
+                                  "embedded SmolLM2)")
 
 
 @app.command()
 def merge(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
     out_dir: Path = typer.Argument(..., help="a new directory for the merged model"),
-    model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model [default: the one it records, "
-                                             "else the embedded SmolLM2]"),
+    model: Optional[str] = _ADAPTER_BASE,
     dtype: str = typer.Option("float32", callback=_dtype, help="dtype of the saved weights: "
                               + ", ".join(_DTYPES)),
     overwrite: bool = _OVERWRITE,
@@ -446,9 +448,7 @@ def merge(
 def export_peft(
     adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory"),
     out_dir: Path = typer.Argument(..., help="a new directory for the PEFT LoRA adapter"),
-    model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="the adapter's base model [default: the one it records, "
-                                             "else the embedded SmolLM2]"),
+    model: Optional[str] = _ADAPTER_BASE,
     overwrite: bool = _OVERWRITE,
 ) -> None:
     """Materialize an MoS adapter as a standard PEFT LoRA adapter (rank r)."""
@@ -458,6 +458,33 @@ def export_peft(
     mos, _ = _load_mos(adapter, model)
     export_peft_lora(mos, out_dir)
     typer.echo(f"wrote {out_dir}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    adapter: Path = typer.Argument(..., **_ADAPTER_DIR, help="an MoS adapter directory (of a Llama)"),
+    out_gguf: Path = typer.Argument(..., help="the .gguf file to write (a llama.cpp LoRA adapter)"),
+    model: Optional[str] = _ADAPTER_BASE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT_GGUF if it exists"),
+) -> None:
+    """Materialize an MoS adapter as a llama.cpp LoRA adapter (GGUF, rank r), for a GGUF base."""
+    from .checkpoint import read_adapter_config
+    from .llamacpp import check_output_file, export_gguf, gguf_targets
+
+    # everything that can be refused is refused before the base loads
+    try:
+        check_output_file(out_gguf, overwrite)
+    except OSError as err:
+        raise typer.BadParameter(str(err), param_hint="'out_gguf'") from None
+    with _usage_errors("adapter"):
+        fingerprint = read_adapter_config(adapter)["base_fingerprint"]
+    try:
+        gguf_targets(fingerprint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="'adapter'") from None
+    mos, _ = _load_mos(adapter, model)
+    export_gguf(mos, out_gguf, overwrite=overwrite)
+    typer.echo(f"wrote {out_gguf}")
 
 
 @app.command()
