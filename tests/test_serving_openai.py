@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moslora import MoSConfig, get_mos_model
 from moslora.serving import BASE, MultiAdapterModel
+from moslora.serving.decoding import RowDecoder, Sampling
 from moslora.serving.loadtest import threaded_server, word_tokenizer
 from moslora.serving.server import ApiKeys, create_app
 
@@ -279,3 +280,21 @@ def test_prometheus_metrics_count_per_model(root):
     assert value("moslora_request_duration_seconds_bucket", model="open", endpoint="completions", le="+Inf") == 2
     assert value("moslora_adapters_loaded") == 1 and value("moslora_resident_bytes", part="adapters_total") > 0
     assert (legacy["requests"], legacy["completion_tokens"], legacy["errors"]) == (5, 9, 2)
+
+
+def letters(tokens):  # token t decodes to the letter chr(97 + t); 99 to an incomplete character
+    return "".join("\ufffd" if t == 99 else chr(97 + t) for t in tokens)
+
+
+@pytest.mark.parametrize("tokens, stop, text, pieces, finish", [
+    ([0, 1, 2, 3, 4], ("cd",), "ab", ["a", "b"], "stop"),           # "c" is held back: it may start "cd"
+    ([0, 2, 1, 2, 4], ("cd",), "acbce", ["a", "cb", "ce"], "length"),  # "c" held, then released
+    ([0, 99, 1], (), "a\ufffdb", ["a", "\ufffdb"], "length"),       # an incomplete character waits
+    ([0, 2, 9], (), "ac", ["a", "c"], "stop"),                      # 9 is EOS
+])
+def test_a_row_streams_only_text_that_cannot_change(tokens, stop, text, pieces, finish):
+    streamed = []
+    row = RowDecoder(Sampling(max_tokens=len(tokens), stop=stop), 0, letters, eos_id=9, on_text=streamed.append)
+    for token in tokens:
+        row.push(token)
+    assert (row.text, streamed, row.finish) == (text, pieces, finish) and "".join(streamed) == text

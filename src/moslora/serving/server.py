@@ -502,8 +502,8 @@ class Reply:
             yield self._chunk([delta(self.chat, i, finish=c.finish) for i, c in enumerate(choices)])
             if self.include_usage:
                 yield self._chunk([], usage=usage(self.prompt_tokens, sum(c.tokens for c in choices)))
+            done(choices)  # counted before the last event, which a client may not wait for
             yield sse("[DONE]")
-            done(choices)
         except (UnknownAdapterError, asyncio.TimeoutError) as err:
             error = _job_error(err, timeout)
             failed(error.status)
