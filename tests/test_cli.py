@@ -229,6 +229,7 @@ BAD_OPTIONS = [
     (["serve", "--adapters", "{tmp}", "--max-prompt-chars", "0"], "--max-prompt-chars"),
     (["serve", "--adapters", "{tmp}", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
     (["serve", "--adapters", "{tmp}", "--max-tokens", "0"], "--max-tokens"),
+    (["serve", "--adapters", "{tmp}", "--max-n", "0"], "--max-n"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "0"], "--request-timeout"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "nan"], "--request-timeout"),
     (["bench", "quality", "--workers", "0"], "--workers"),

@@ -1,5 +1,7 @@
 """The HTTP server: completions match the library; keys, unknown models, bad bodies, a full
-queue and path traversal get the right status codes."""
+queue and path traversal get the right status codes, in OpenAI's error shape (since issue 18:
+bad bodies are 400, not 422, and a missing key is 401, not 403; tests/test_serving_openai.py
+covers the rest of the OpenAI API)."""
 
 import queue
 import threading
@@ -12,6 +14,7 @@ from fastapi.testclient import TestClient
 from moslora import MoSConfig, get_mos_model
 from moslora.serving import BASE, MultiAdapterModel
 from moslora.serving.loadtest import word_tokenizer
+from moslora.serving.decoding import Sampling
 from moslora.serving.server import ApiKeys, Job, create_app
 
 KEYS = {"*": "admin-key", "secret": "secret-key"}
@@ -44,7 +47,12 @@ def served(root):
 
 def complete(client, model, prompt="w1 w2 w3", key=None, **body):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return client.post("/v1/completions", json={"model": model, "prompt": prompt, **body}, headers=headers)
+    body = {"model": model, "prompt": prompt, "temperature": 0, **body}  # greedy, as the library oracle
+    return client.post("/v1/completions", json=body, headers=headers)
+
+
+def message(r):
+    return r.json()["error"]["message"]
 
 
 def library_text(mm, model, prompt, max_tokens):
@@ -81,7 +89,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(root):
             t.start()
         for t in threads:
             t.join()
-        metrics = client.get("/metrics").json()
+        metrics = client.get("/metrics.json").json()
     for i, (model, prompt) in enumerate(prompts):
         assert answers[i].status_code == 200
         assert answers[i].json()["choices"][0]["text"] == library_text(mm, model, prompt, 4 + i)
@@ -90,8 +98,8 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(root):
 
 def test_protected_adapter_needs_its_key(served):
     _, client = served
-    assert complete(client, "secret").status_code == 403
-    assert complete(client, "secret", key="wrong").status_code == 403
+    assert complete(client, "secret").status_code == 401
+    assert complete(client, "secret", key="wrong").status_code == 401
     assert complete(client, "secret", key="secret-key", max_tokens=1).status_code == 200
     assert complete(client, "open", max_tokens=1).status_code == 200
 
@@ -99,29 +107,29 @@ def test_protected_adapter_needs_its_key(served):
 def test_unknown_model_is_404(served):
     _, client = served
     r = complete(client, "nope")
-    assert r.status_code == 404 and "/v1/models" in r.json()["detail"]
+    assert r.status_code == 404 and "/v1/models" in message(r)
 
 
 @pytest.mark.parametrize("body", [
     {"model": "open"},                                        # no prompt
     {"model": "open", "prompt": ""},
     {"model": "open", "prompt": "w1", "max_tokens": 0},
-    {"model": "open", "prompt": "w1", "temperature": 0.7},    # greedy only
+    {"model": "open", "prompt": "w1", "temperature": 2.1},    # OpenAI's range is 0..2
     {"prompt": "w1"},
 ])
-def test_bad_body_is_422(served, body):
+def test_bad_body_is_400(served, body):
     _, client = served
-    assert client.post("/v1/completions", json=body).status_code == 422
+    assert client.post("/v1/completions", json=body).status_code == 400
 
 
 def test_full_queue_is_503(root):
     _, app = serve(root, queue_size=1)
     client = TestClient(app)  # no context: the worker is not running, so the queue stays full
-    app.state.batcher.submit(Job("open", [5], 1))
+    app.state.batcher.submit(Job("open", [5], Sampling(max_tokens=1)))
     r = complete(client, "open")
-    assert r.status_code == 503 and "queue is full" in r.json()["detail"]
+    assert r.status_code == 503 and "queue is full" in message(r)
     with pytest.raises(queue.Full):
-        app.state.batcher.submit(Job("open", [5], 1))
+        app.state.batcher.submit(Job("open", [5], Sampling(max_tokens=1)))
 
 
 def test_adapters_load_and_unload_only_from_under_the_root(root):
@@ -132,20 +140,20 @@ def test_adapters_load_and_unload_only_from_under_the_root(root):
         return client.post("/v1/adapters", json={"name": name, "path": path}, headers=headers)
 
     with TestClient(app) as client:
-        assert load("x", "open", headers={}).status_code == 403
+        assert load("x", "open", headers={}).status_code == 401
         for path in ("../elsewhere", "/etc", "open/../../x", str(root.parent)):
             r = load("x", path)
-            assert r.status_code == 400 and "outside the adapter root" in r.json()["detail"], path
-        assert load("../y", "open").status_code == 422
+            assert r.status_code == 400 and "outside the adapter root" in message(r), path
+        assert load("../y", "open").status_code == 400
         assert load("open", "open").status_code == 409
         assert load("z", "missing").status_code == 404
         assert load("z", "outside").status_code == 404  # a directory with no adapter in it
         assert load("x", "open").status_code == 200
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "open", "secret", "x"]
         assert complete(client, "x", key="admin-key", max_tokens=2).status_code == 200
-        assert client.delete("/v1/adapters/x", headers={}).status_code == 403
+        assert client.delete("/v1/adapters/x", headers={}).status_code == 401
         assert client.delete("/v1/adapters/x", headers=admin).status_code == 200
         assert client.delete("/v1/adapters/x", headers=admin).status_code == 404
         assert complete(client, "x", key="admin-key").status_code == 404
         assert client.get("/health").json() == {"status": "ok", "adapters": 2, "queue_depth": 0}
-        assert client.get("/metrics").json()["memory_bytes"]["adapters_total"] > 0
+        assert client.get("/metrics.json").json()["memory_bytes"]["adapters_total"] > 0

@@ -504,13 +504,14 @@ def serve(
                                           help="how long to wait for more requests"),
     queue_size: int = typer.Option(256, min=1, help="pending requests before answering 503"),
     max_body_bytes: int = typer.Option(65_536, min=1, help="largest request body (else 413)"),
-    max_prompt_chars: int = typer.Option(16_384, min=1, help="longest prompt in characters (else 422)"),
-    max_prompt_tokens: int = typer.Option(1024, min=1, help="longest prompt in tokens (else 422)"),
-    max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask (else 422)"),
+    max_prompt_chars: int = typer.Option(16_384, min=1, help="longest prompt in characters (else 400)"),
+    max_prompt_tokens: int = typer.Option(1024, min=1, help="longest prompt in tokens (else 400)"),
+    max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask (else 400)"),
+    max_n: int = typer.Option(8, min=1, help="most choices (n) a request may ask (else 400)"),
     request_timeout: float = typer.Option(60.0, min=0.001, callback=_finite,
                                           help="seconds before a request is answered 504"),
 ) -> None:
-    """Serve every adapter under --adapters over HTTP (OpenAI-style /v1/completions)."""
+    """Serve every adapter under --adapters over the OpenAI API (/v1/chat/completions, /v1/completions)."""
     from .serving.server import ApiKeys, Limits, load_server
 
     if base is not None:
@@ -524,7 +525,7 @@ def serve(
     except ValueError as err:  # not JSON, or not an object of non-empty keys
         raise typer.BadParameter(str(err), param_hint="--api-keys (or $MOSLORA_API_KEYS)") from None
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                    max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+                    max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_n=max_n,
                     request_timeout=request_timeout)
     import uvicorn
 

@@ -99,7 +99,7 @@ async def drive(url: str, names: list[str], args: argparse.Namespace) -> dict:
             for _ in jobs:
                 if time.monotonic() > deadline:
                     return
-                body = {"model": rng.choice(names), "max_tokens": args.max_tokens,
+                body = {"model": rng.choice(names), "max_tokens": args.max_tokens, "temperature": 0,
                         "prompt": " ".join(f"w{rng.randrange(WORDS)}" for _ in range(rng.randint(2, 12)))}
                 start = time.monotonic()
                 try:
@@ -113,7 +113,7 @@ async def drive(url: str, names: list[str], args: argparse.Namespace) -> dict:
         start = time.monotonic()
         await asyncio.gather(*(client_loop() for _ in range(args.clients)))
         elapsed = time.monotonic() - start
-        metrics = (await client.get("/metrics")).json()
+        metrics = (await client.get("/metrics.json")).json()
     ok = status["200"]
     return {
         "sent": sum(status.values()), "ok": ok, "errors": sum(status.values()) - ok, "status": dict(status),
@@ -152,7 +152,9 @@ def malformed_requests(limits: Any) -> dict[str, tuple[str, str, dict]]:
         "missing prompt": ("POST", completion, {"json": {"model": "a0"}}),
         "empty body": ("POST", completion, {"json": {}}),
         "several prompts": ("POST", completion, {"json": {"model": "a0", "prompt": ["w1", "w2"]}}),
-        "sampling asked": ("POST", completion, {"json": {"model": "a0", "prompt": "w1", "temperature": 0.9}}),
+        "temperature over 2": ("POST", completion, {"json": {"model": "a0", "prompt": "w1", "temperature": 2.5}}),
+        "unsupported field": ("POST", completion, {"json": {"model": "a0", "prompt": "w1", "logprobs": 3}}),
+        "unknown field": ("POST", completion, {"json": {"model": "a0", "prompt": "w1", "nonsense": 1}}),
         "adapter path traversal": ("POST", "/v1/adapters", {"json": {"name": "x", "path": "../../etc"}}),
         "adapter absolute path": ("POST", "/v1/adapters", {"json": {"name": "x", "path": "/etc"}}),
         "adapter name traversal": ("POST", "/v1/adapters", {"json": {"name": "../x", "path": "a0"}}),
@@ -228,7 +230,7 @@ def run_mixed(workdir: Path, adapters: int = 4, valid: int = 240, malformed: int
         with httpx.Client(base_url=url, timeout=30) as client:
             tally["alive_at_end"] = client.get("/health").status_code == 200
             tally["unloaded"] = sum(client.delete(f"/v1/adapters/{n}").status_code == 200 for n in names)
-            tally["served_by_server"] = client.get("/metrics").json().get("requests", 0)
+            tally["served_by_server"] = client.get("/metrics.json").json().get("requests", 0)
     del app
     gc.collect()
     report = mm.memory_report()
@@ -253,7 +255,7 @@ async def _drive_mixed(url: str, jobs: list[tuple[str, Any]], expected: dict, ba
                 if kind == "valid":
                     name, prompt = job
                     method, path, kwargs = "POST", "/v1/completions", {
-                        "json": {"model": name, "prompt": prompt, "max_tokens": max_tokens}}
+                        "json": {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}}
                 else:
                     method, path, kwargs = bad[job]
                 tally[f"{kind}_sent"] += 1

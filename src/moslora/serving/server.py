@@ -1,67 +1,74 @@
-"""HTTP server: OpenAI-style completions over many MoS adapters resident on one base.
+"""HTTP server: the OpenAI API over many MoS adapters resident on one base.
 
-    moslora serve --adapters ADAPTER_ROOT [--base MODEL] [--port 8000]
+    moslora serve --adapters ADAPTER_ROOT [--model MODEL] [--port 8000]
 
 Every subdirectory of ``ADAPTER_ROOT`` that holds an MoS adapter is loaded at start under its
-directory name; more can be loaded later, from under the same root only. Requests from all
-clients go into one bounded queue; a single worker thread takes up to ``max_batch`` of them,
-waiting at most ``batch_window`` seconds for company, and answers them with one mixed-adapter
-``generate`` call. A full queue answers 503 at once, so a burst is refused, not left to time
-out. Decoding is greedy.
+directory name; more can be loaded later, from under the same root only. ``POST
+/v1/completions`` and ``POST /v1/chat/completions`` (the base tokenizer's chat template) take
+OpenAI's bodies, with ``model`` naming an adapter or ``__base__``; ``GET /v1/models[/{id}]``
+lists them. Requests from all clients go into one bounded queue; a single worker thread takes
+up to ``max_batch`` of them, waiting at most ``batch_window`` seconds for company, and answers
+them with one mixed-adapter ``generate`` call in which every choice of every request is a row
+with its own sampling, stop strings and stream (``decoding``). A full queue answers 503 at
+once, so a burst is refused, not left to time out.
 
-Limits (``create_app`` arguments, ``moslora serve`` options): request body bytes (413), one
-prompt per request, prompt characters and tokens, ``max_tokens`` (422), queue length (503) and
-time to answer (504: the request is dropped if still queued). Adapters load only from
-directories under the root, after symlinks are resolved, with their files also under it. An
-unexpected error answers 500 with a generic JSON body; the traceback goes to the server log,
-never to the client.
+Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 for anything wrong
+with a request (malformed JSON, a wrong type, an unknown or unsupported field, a limit), 401 for
+a missing or wrong key, 404 for an unknown model, 413 for a body over the byte limit, 503 for a
+full queue, 504 when no answer came in time (the request is dropped if still queued, and its
+rows stop if running), 500 with a generic message for anything unexpected (the traceback goes
+to the server log, never to the client). Adapters load only from directories under the root,
+after symlinks are resolved, with their files also under it.
 
 Keys (optional): ``{"*": key}`` protects every model and the adapter endpoints,
 ``{name: key}`` one adapter; a model with neither key is open. Clients send
 ``Authorization: Bearer KEY``.
+
+``GET /metrics`` is Prometheus' text format (``metrics``); ``GET /metrics.json`` the totals as JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import itertools
 import json
+import logging
 import os
 import queue
 import threading
 import time
 import uuid
-from collections import Counter
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-import torch
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import Field
+from starlette.exceptions import HTTPException
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from ..config import require_float, require_int
+from .decoding import RowDecoder, Sampling, generate_rows
+from .metrics import UNKNOWN, ServerMetrics
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
+from .openai_api import (ApiError, ChatRequest, CompletionRequest, StrictBody, choice, delta, load_json, sse, usage,
+                         validate)
 
 KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
+log = logging.getLogger("moslora.serving")
 
 
 # ---------------------------------------------------------------------------- requests
 
 
-class CompletionRequest(BaseModel):
-    model: str = Field(min_length=1, max_length=128, description=f"an adapter name, or {BASE!r} for the base model")
-    prompt: str = Field(min_length=1, description="one prompt (a list is refused)")
-    max_tokens: int = Field(16, ge=1, description="at most the server's max_tokens limit")
-    temperature: float = Field(0.0, ge=0.0, le=0.0, description="only greedy decoding (0) is served")
-
-
-class AdapterRequest(BaseModel):
+class AdapterRequest(StrictBody):
     name: str = Field(min_length=1, max_length=128)
     path: str = Field(min_length=1, max_length=4096,
                       description="adapter directory, relative to the server's adapter root")
@@ -75,10 +82,11 @@ class Limits:
     max_prompt_chars: int = 16_384
     max_prompt_tokens: int = 1024
     max_tokens: int = 1024
+    max_n: int = 8
     request_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompt_chars", "max_prompt_tokens", "max_tokens"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_prompt_tokens", "max_tokens", "max_n"):
             require_int(name, getattr(self, name), minimum=1)
         require_float("request_timeout", self.request_timeout, low=0.0, low_open=True)
 
@@ -95,7 +103,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
-            response = JSONResponse({"detail": self._message()}, status_code=413)
+            response = JSONResponse(ApiError(413, self._message()).body(), status_code=413)
             return await response(scope, receive, send)
         seen = 0
 
@@ -103,8 +111,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:  # FastAPI turns this into the 413 response
-                raise HTTPException(413, self._message())
+            if seen > self.limit:  # the app's handler turns this into the 413 response
+                raise ApiError(413, self._message())
             return message
 
         await self.app(scope, limited, send)
@@ -143,22 +151,37 @@ class ApiKeys:
 # ---------------------------------------------------------------------------- batching
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One finished choice: its visible text, how many tokens it generated, and why it ended."""
+
+    text: str
+    tokens: int
+    finish: str
+
+
 @dataclass
 class Job:
-    """One completion waiting in the queue; the worker answers it through ``future``."""
+    """One request waiting in the queue, ``n`` rows; the worker answers it through ``future``
+    (one ``Choice`` per row) and, if ``on_text`` is set, streams ``(choice, new text)`` to it
+    from the worker thread while it generates."""
 
     model: str
     prompt_ids: list[int]
-    max_tokens: int
+    sampling: Sampling
+    n: int = 1
+    on_text: Callable[[int, str], None] | None = None
     future: Future = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 class Batcher:
     """A bounded queue and the worker thread that answers it in mixed-adapter batches."""
 
-    def __init__(self, model: MultiAdapterModel, pad_id: int, eos_id: int | None,
-                 max_batch: int = 16, batch_window: float = 0.005, queue_size: int = 256) -> None:
-        self.model, self.pad_id, self.eos_id = model, pad_id, eos_id
+    def __init__(self, model: MultiAdapterModel, tokenizer: Any, max_batch: int = 16, batch_window: float = 0.005,
+                 queue_size: int = 256) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_batch, self.batch_window = max_batch, batch_window
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
@@ -211,26 +234,21 @@ class Batcher:
         for job, result in zip(jobs, results):
             job.future.set_result(result)
 
-    def _generate(self, jobs: list[Job]) -> list[tuple[list[int], str]]:
-        """Left-pad the prompts, run one greedy ``generate``; each job's tokens and finish
-        reason. Greedy rows do not depend on each other, so cutting a row at its own
-        ``max_tokens`` gives what it would have alone."""
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
-        out = self.model.generate(
-            ids, attention_mask=mask, adapter_names=[j.model for j in jobs],
-            max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-        )
-        results = []
-        for job, row in zip(jobs, out[:, width:].tolist()):
-            tokens = row[: job.max_tokens]
-            if self.eos_id is not None and self.eos_id in tokens:
-                results.append((tokens[: tokens.index(self.eos_id)], "stop"))
-            else:
-                results.append((tokens, "length"))
-        return results
+    def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
+        """One ``generate`` over every choice of every job, a row each; each job's choices.
+        Rows do not depend on each other, so each ends where it would alone."""
+        rows = [RowDecoder(job.sampling, i, self._decode, self.tokenizer.eos_token_id,
+                           None if job.on_text is None else functools.partial(job.on_text, i), job.abandoned.is_set)
+                for job in jobs for i in range(job.n)]
+        generate_rows(self.model, [j.prompt_ids for j in jobs for _ in range(j.n)],
+                      [j.model for j in jobs for _ in range(j.n)], rows, self.pad_id, self.tokenizer.eos_token_id)
+        rows_of = iter(rows)
+        # a row not done when generate returns ran into generate's own length limit
+        return [[Choice(r.text, len(r.tokens), r.finish or "length") for r in itertools.islice(rows_of, job.n)]
+                for job in jobs]
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------- app
@@ -253,9 +271,10 @@ def create_app(
     require_float("batch_window", batch_window, low=0.0)
     root = Path(adapter_root).resolve()
     keys = keys or ApiKeys()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batcher = Batcher(model, pad_id, tokenizer.eos_token_id, max_batch, batch_window, queue_size)
-    metrics: Counter[str] = Counter()
+    batcher = Batcher(model, tokenizer, max_batch, batch_window, queue_size)
+    metrics = ServerMetrics()
+    started = int(time.time())
+    loaded_at: dict[str, int] = {}  # adapters loaded over HTTP; the rest came with the server
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -267,88 +286,153 @@ def create_app(
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # where and what, without echoing the input: FastAPI's own handler fails with a 500 on
-        # a body that is not UTF-8, and would reflect whatever a client sent
-        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+    def count_failure(request: Request, status: int) -> None:
+        """Count an error of a generation endpoint (``answer`` notes which, and for what model)."""
+        endpoint = getattr(request.state, "endpoint", None)
+        if endpoint is not None:
+            metrics.failed(request.state.model, endpoint, status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        count_failure(request, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # the router's own answers (unknown path 404, wrong method 405), in OpenAI's shape
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette logs the traceback after this; the client learns nothing of the internals
-        metrics["internal_errors"] += 1
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+        count_failure(request, 500)
+        return JSONResponse(ApiError(500, "internal server error").body(), status_code=500)
 
     def admin(authorization: str | None = Header(None)) -> None:
         if not keys.allows("*", authorization):
-            raise HTTPException(403, "this endpoint needs the global API key")
+            raise ApiError(401, "this endpoint needs the global API key", code="invalid_api_key")
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, authorization: str | None = Header(None)) -> dict:
-        metrics["requests"] += 1
-        if not keys.allows(req.model, authorization):
-            raise HTTPException(403, f"model {req.model!r} needs a valid API key")
-        if req.model != BASE and req.model not in model.adapters():
-            raise HTTPException(404, f"no model {req.model!r}; see GET /v1/models")
-        if req.max_tokens > limits.max_tokens:
-            raise HTTPException(422, f"max_tokens={req.max_tokens} is over the limit of {limits.max_tokens}")
-        if len(req.prompt) > limits.max_prompt_chars:
-            raise HTTPException(422, f"prompt has {len(req.prompt)} characters, the limit is "
-                                     f"{limits.max_prompt_chars}")
-        prompt_ids = tokenizer(req.prompt)["input_ids"]
-        if len(prompt_ids) > limits.max_prompt_tokens:
-            raise HTTPException(422, f"prompt has {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
+    def label(name: Any) -> str:
+        """``name`` if it names a model, else ``UNKNOWN`` (metrics labels stay few)."""
+        return name if isinstance(name, str) and (name == BASE or name in model.adapters()) else UNKNOWN
+
+    def encode(req: CompletionRequest | ChatRequest) -> list[int]:
+        if isinstance(req, CompletionRequest):
+            return tokenizer(req.prompt)["input_ids"]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "the base model's tokenizer has no chat template, so messages cannot be "
+                                "formatted: use /v1/completions with a prompt", param="messages",
+                           code="no_chat_template")
         try:
-            future = batcher.submit(Job(req.model, prompt_ids, req.max_tokens))
+            return tokenizer.apply_chat_template([m.for_template() for m in req.messages], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        except TemplateError as err:  # the template's own check, e.g. roles that must alternate
+            raise ApiError(400, f"the chat template refused the messages: {err}", param="messages") from None
+
+    def sampling(req: CompletionRequest | ChatRequest) -> Sampling:
+        """The request's decoding, checked against the server's limits."""
+        max_tokens = req.new_tokens() or limits.max_tokens
+        if max_tokens > limits.max_tokens:
+            raise ApiError(400, f"max_tokens={max_tokens} is over the limit of {limits.max_tokens}", param="max_tokens")
+        if req.n > limits.max_n:
+            raise ApiError(400, f"n={req.n} is over the limit of {limits.max_n}", param="n")
+        return Sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stops())
+
+    def prompt_ids(req: CompletionRequest | ChatRequest) -> list[int]:
+        param = "prompt" if isinstance(req, CompletionRequest) else "messages"
+        if req.characters() > limits.max_prompt_chars:
+            raise ApiError(400, f"prompt has {req.characters()} characters, the limit is {limits.max_prompt_chars}",
+                           param=param)
+        ids = encode(req)
+        if len(ids) > limits.max_prompt_tokens:
+            raise ApiError(400, f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}", param=param)
+        return ids
+
+    async def answer(request: Request, kind: type[CompletionRequest] | type[ChatRequest], endpoint: str,
+                     authorization: str | None) -> Any:
+        """Both generation endpoints: parse, check, queue, then stream or wait for the answer."""
+        arrived = time.perf_counter()
+        request.state.endpoint, request.state.model = endpoint, UNKNOWN
+        try:
+            body = load_json(await request.body())
+            request.state.model = label(body.get("model"))
+        finally:  # counted even when the body is not JSON (under no model)
+            metrics.requests.labels(request.state.model, endpoint).inc()
+        req = validate(body, kind)
+        if not keys.allows(req.model, authorization):
+            raise ApiError(401, f"model {req.model!r} needs a valid API key", code="invalid_api_key")
+        if request.state.model == UNKNOWN:
+            raise ApiError(404, f"no model {req.model!r}; see GET /v1/models", param="model", code="model_not_found")
+        job = Job(req.model, prompt_ids(req), sampling(req), req.n)
+        reply = Reply(kind is ChatRequest, req.model, len(job.prompt_ids), req.include_usage())
+        events: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        if req.stream:
+            loop = asyncio.get_running_loop()
+            job.on_text = lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text))
+            job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+        try:
+            batcher.submit(job)
         except queue.Full:
-            metrics["rejected_queue_full"] += 1
-            raise HTTPException(503, "server busy: the request queue is full, retry later") from None
+            raise ApiError(503, "server busy: the request queue is full, retry later", code="queue_full") from None
+
+        def done(choices: list[Choice]) -> None:
+            metrics.answered(request.state.model, endpoint, time.perf_counter() - arrived, len(job.prompt_ids),
+                             sum(c.tokens for c in choices))
+
+        if req.stream:
+            stream = reply.stream(job, events, limits.request_timeout, done,
+                                  lambda status: metrics.failed(request.state.model, endpoint, status))
+            return StreamingResponse(stream, media_type="text/event-stream")
         try:
             # on timeout wait_for cancels the future, so a still-queued job is never generated
-            tokens, finish = await asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout)
-        except UnknownAdapterError as err:
-            raise HTTPException(404, str(err)) from None
-        except asyncio.TimeoutError:
-            metrics["timeouts"] += 1
-            raise HTTPException(504, f"no answer within {limits.request_timeout:g} s; the request was "
-                                     "dropped, retry later") from None
-        metrics["prompt_tokens"] += len(prompt_ids)
-        metrics["completion_tokens"] += len(tokens)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": [{"index": 0, "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
-                      "total_tokens": len(prompt_ids) + len(tokens)},
-        }
+            choices = await asyncio.wait_for(asyncio.wrap_future(job.future), limits.request_timeout)
+        except (UnknownAdapterError, asyncio.TimeoutError) as err:
+            job.abandoned.set()  # a running job's rows stop at their next token
+            raise _job_error(err, limits.request_timeout) from None
+        done(choices)
+        return reply.whole(choices)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, authorization: str | None = Header(None)) -> Any:
+        return await answer(request, CompletionRequest, "completions", authorization)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, authorization: str | None = Header(None)) -> Any:
+        return await answer(request, ChatRequest, "chat_completions", authorization)
+
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": loaded_at.get(name, started), "owned_by": "moslora"}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": name, "object": "model", "owned_by": "moslora"} for name in [BASE, *model.adapters()]]}
+        return {"object": "list", "data": [card(name) for name in [BASE, *model.adapters()]]}
+
+    @app.get("/v1/models/{name}")
+    async def model_info(name: str) -> dict:
+        if label(name) == UNKNOWN:
+            raise ApiError(404, f"no model {name!r}; see GET /v1/models", param="model", code="model_not_found")
+        return card(name)
 
     @app.post("/v1/adapters", dependencies=[Depends(admin)])
-    async def load(req: AdapterRequest) -> dict:
+    async def load(request: Request) -> dict:
+        req = validate(load_json(await request.body()), AdapterRequest)
         path = (root / req.path).resolve()  # resolves "..", absolute paths and symlinks
         # the files too: a symlinked adapter_config.json must not read from outside the root
         files = [(path / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
         if not all(p.is_relative_to(root) for p in (path, *files)):
-            raise HTTPException(400, f"adapter path {req.path!r} is outside the adapter root")
+            raise ApiError(400, f"adapter path {req.path!r} is outside the adapter root", param="path")
         if req.name in model.adapters():
-            raise HTTPException(409, f"an adapter named {req.name!r} is already loaded")
+            raise ApiError(409, f"an adapter named {req.name!r} is already loaded", param="name")
         try:
             await asyncio.to_thread(model.load_adapter, req.name, path)
         except FileNotFoundError as err:
-            raise HTTPException(404, str(err).replace(str(root), "<root>")) from None
+            raise ApiError(404, str(err).replace(str(root), "<root>"), param="path") from None
         except CheckpointError as err:
-            raise HTTPException(400, str(err).replace(str(root), "<root>")) from None
+            raise ApiError(400, str(err).replace(str(root), "<root>"), param="path") from None
         except ValueError as err:  # an invalid name
-            raise HTTPException(422, str(err)) from None
+            raise ApiError(400, str(err), param="name") from None
+        loaded_at[req.name] = int(time.time())
         return {"id": req.name, "object": "model", "loaded": True}
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
@@ -356,9 +440,10 @@ def create_app(
         try:
             await asyncio.to_thread(model.unload_adapter, name)
         except UnknownAdapterError as err:
-            raise HTTPException(404, str(err)) from None
+            raise ApiError(404, str(err), param="name") from None
         except RuntimeError as err:  # merged into the base
-            raise HTTPException(409, str(err)) from None
+            raise ApiError(409, str(err), param="name") from None
+        loaded_at.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
     @app.get("/health")
@@ -366,11 +451,80 @@ def create_app(
         return {"status": "ok", "adapters": len(model.adapters()), "queue_depth": batcher.queue.qsize()}
 
     @app.get("/metrics")
-    async def metrics_() -> dict:
-        return {**metrics, "queue_depth": batcher.queue.qsize(), "adapters": model.adapters(),
+    async def prometheus() -> Response:
+        text = metrics.exposition(batcher.queue.qsize(), model.memory_report())
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> dict:
+        return {**metrics.summary(), "queue_depth": batcher.queue.qsize(), "adapters": model.adapters(),
                 "memory_bytes": model.memory_report()}
 
     return app
+
+
+def _job_error(err: Exception, timeout: float) -> ApiError:
+    """What a client is told when its job was not answered: its adapter went away, or time ran out."""
+    if isinstance(err, UnknownAdapterError):
+        return ApiError(404, str(err), param="model", code="model_not_found")
+    return ApiError(504, f"no answer within {timeout:g} s; the request was dropped, retry later",
+                    code="timeout")
+
+
+@dataclass
+class Reply:
+    """The OpenAI body of one answer, whole or as server-sent chunks."""
+
+    chat: bool
+    model: str
+    prompt_tokens: int
+    include_usage: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def whole(self, choices: list[Choice]) -> dict[str, Any]:
+        return {**self._head("chat.completion" if self.chat else "text_completion"),
+                "choices": [choice(self.chat, i, c.text, c.finish) for i, c in enumerate(choices)],
+                "usage": usage(self.prompt_tokens, sum(c.tokens for c in choices))}
+
+    async def stream(self, job: Job, events: asyncio.Queue, timeout: float, done: Callable[[list[Choice]], None],
+                     failed: Callable[[int], None]) -> AsyncIterator[str]:
+        """The chunks as ``job`` generates; an error after the first byte is an error event
+        (which the OpenAI client raises), as the status line is already sent."""
+        deadline = time.monotonic() + timeout
+        try:
+            if self.chat:
+                for i in range(job.n):
+                    yield self._chunk([delta(True, i, first=True)])
+            while (event := await asyncio.wait_for(events.get(), deadline - time.monotonic())) is not None:
+                yield self._chunk([delta(self.chat, event[0], text=event[1])])
+            choices = job.future.result()  # raises the job's error
+            yield self._chunk([delta(self.chat, i, finish=c.finish) for i, c in enumerate(choices)])
+            if self.include_usage:
+                yield self._chunk([], usage=usage(self.prompt_tokens, sum(c.tokens for c in choices)))
+            done(choices)  # counted before the last event, which a client may not wait for
+            yield sse("[DONE]")
+        except (UnknownAdapterError, asyncio.TimeoutError) as err:
+            error = _job_error(err, timeout)
+            failed(error.status)
+            yield sse(error.body())
+        except Exception:
+            log.exception("a streamed request failed")
+            failed(500)
+            yield sse(ApiError(500, "internal server error").body())
+        finally:  # also when the client goes away: a queued job is dropped, a running one stops
+            job.future.cancel()
+            job.abandoned.set()
+
+    def _chunk(self, choices: list[dict], **extra: Any) -> str:
+        head = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        if self.include_usage:
+            extra.setdefault("usage", None)  # OpenAI's chunks carry usage: null until the last
+        return sse({**head, "choices": choices, **extra})
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        return {"id": f"{prefix}-{self.id}", "object": kind, "created": self.created, "model": self.model}
 
 
 # ---------------------------------------------------------------------------- entry point
