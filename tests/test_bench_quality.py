@@ -15,6 +15,9 @@ import torch
 from moslora.bench import quality, report
 from moslora.bench.runs import RunStore
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
@@ -103,6 +106,7 @@ def test_zero_shot_reference_trains_nothing(quick, tmp_path):
 WORKERS_THEN_WAIT = """
 import os, time
 from moslora.bench import quality
+
 if __name__ == "__main__":  # spawned workers import this file too
     pool = quality.Runner(None, None, None, workers=2)._pool()
     print(*{pool.submit(os.getpid).result() for _ in range(4)}, flush=True)

@@ -5,6 +5,10 @@ import math
 
 from moslora import MoSConfig
 from moslora.bench import speed
+import pytest
+
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
 
 TINY = speed.Plan(
     models=(speed.ModelSpec("tiny", (64, 4, 128)),), shapes=((2, 16),), steps=2, warmup=0,

@@ -40,6 +40,10 @@ from safetensors.torch import load_file, save_file
 from moslora import CheckpointError, MoSConfig, MoSModel, get_mos_model
 from moslora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _sha256
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
+
+
 # Two kinds over the 4-layer tiny Llama: enough to have pools, private segments and indices
 # of two shapes, small enough that a load plus a forward pass costs a few milliseconds.
 CFG = MoSConfig(target_modules=["q_proj", "v_proj"], rank=4, budget_rank=2, private_rank=1, shards_per_vector=2)

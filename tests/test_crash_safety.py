@@ -28,6 +28,9 @@ from moslora import MoSConfig, MoSModel, export_peft_lora, get_mos_model
 from moslora.atomic import atomic_file
 from moslora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
+
 KILLS = int(os.environ.get("MOSLORA_KILLS", "60"))
 CFG = MoSConfig(target_modules=["q_proj", "v_proj"], rank=4, budget_rank=2, private_rank=1, shards_per_vector=2)
 TESTS = Path(__file__).resolve().parent
@@ -38,6 +41,7 @@ torch.set_num_threads(1)  # no thread pools alive across fork()
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_llama
 from moslora import MoSModel, export_peft_lora
+
 models = [MoSModel.from_pretrained(tiny_llama(), p) for p in sys.argv[2:4]]
 for line in sys.stdin:
     mode, first, target = line.split()

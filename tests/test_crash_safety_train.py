@@ -35,6 +35,9 @@ from moslora.train import last_checkpoint
 
 from conftest import replayable_rng
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
+
 KILLS = int(os.environ.get("MOSLORA_TRAIN_KILLS", "12"))
 KILLS_PER_CHAIN = 4
 TESTS = Path(__file__).resolve().parent
@@ -51,6 +54,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from moslora import MoSConfig
 from moslora.assets import default_model_path
 from moslora.train import TrainConfig, train
+
 
 tokenizer = AutoTokenizer.from_pretrained(default_model_path())
 TARGETS = {"torch.save": (torch, "save"), "os.fsync": (os, "fsync"), "os.rename": (os, "rename"),

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+import pytest
+
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
+
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
@@ -22,6 +24,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from moslora.assets import default_model_path  # noqa: E402
 from conftest import randomize_adapter  # noqa: E402
 from moslora.peft import MoSPeftConfig  # noqa: E402
+
 
 PAIRS = [("Is this review positive? A joy from start to end.", "yes"),
          ("Is this review positive? Dull and far too long.", "no"),

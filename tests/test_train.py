@@ -154,6 +154,7 @@ def test_eval_cli_with_a_local_model_and_adapter(tmp_path, tokenizer):
     assert report["adapter"] == str(tmp_path / "run/adapter")
 
 
+@pytest.mark.slow  # real SmolLM2 training
 def test_twenty_steps_on_the_default_model_lower_the_loss(tmp_path):
     base, tokenizer = load_base(None)
     cfg = TrainConfig(task="sentiment", output_dir=str(tmp_path / "real"), max_steps=20, batch_size=4,
