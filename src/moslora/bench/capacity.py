@@ -189,7 +189,9 @@ def plot_capacity(track: dict[str, Any], path: Path) -> None:
     metrics = [m for m in ("accuracy", "bits") if m in rows[0]["per_seed"]]
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5.5 * (len(metrics) + 1), 4.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        draw_methods(ax, rows, metric)
+        if metric == "bits":  # the base's -9,000 bits would flatten the panel: chance is the floor
+            ax.axhline(0, color="tab:gray", linestyle=":", label="chance (a guess among the words)")
+        draw_methods(ax, [r for r in rows if metric != "bits" or r["adapter"]["method"] != "none"], metric)
         ax.set_xlabel("trainable adapter parameters")
         ax.set_ylabel(f"{METRIC_NAMES[metric]} on the trained facts (mean ± std)")
         ax.set_title(f"capacity · {h['task']}")

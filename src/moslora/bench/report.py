@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +65,7 @@ def draw_methods(ax: Any, rows: list[dict[str, Any]], metric: str) -> None:
             ax.annotate(note, (r["adapter_params"], r[metric]["mean"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10 if method == "mos" else 4))
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlaps
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
