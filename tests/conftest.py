@@ -93,3 +93,12 @@ def saved_base_and_adapter(tmp_path):
     randomize_adapter(model)
     model.save_pretrained(tmp_path / "adapter")
     return tmp_path / "base", tmp_path / "adapter", model
+
+
+def adapter_root(tmp_path_factory, name: str):
+    """A folder holding one saved MoS adapter ``name`` for tiny_llama() (a server's root)."""
+    root = tmp_path_factory.mktemp("root")
+    model = get_mos_model(tiny_llama(), MoSConfig(target_modules=LLAMA_KINDS, rank=4, budget_rank=2))
+    randomize_adapter(model, std=0.2)
+    model.save_pretrained(root / name)
+    return root

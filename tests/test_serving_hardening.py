@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LLAMA_KINDS, randomize_adapter, tiny_llama
+from conftest import LLAMA_KINDS, adapter_root, tiny_llama
 from fastapi.testclient import TestClient
 
 from moslora import MoSConfig, get_mos_model
@@ -23,11 +23,7 @@ LIMITS = Limits(max_body_bytes=4096, max_prompt_chars=1000, max_prompt_tokens=50
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
-    model = get_mos_model(tiny_llama(), MoSConfig(target_modules=LLAMA_KINDS, rank=4, budget_rank=2))
-    randomize_adapter(model, std=0.2)
-    model.save_pretrained(root / "good")
-    return root
+    return adapter_root(tmp_path_factory, "good")
 
 
 def serve(root, limits=LIMITS, **kwargs):

@@ -10,11 +10,10 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import LLAMA_KINDS, randomize_adapter, tiny_llama
+from conftest import adapter_root, tiny_llama
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from moslora import MoSConfig, get_mos_model
 from moslora.serving import BASE, MultiAdapterModel
 from moslora.serving.decoding import RowDecoder, Sampling
 from moslora.serving.loadtest import threaded_server, word_tokenizer
@@ -33,11 +32,7 @@ def chat_tokenizer():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
-    model = get_mos_model(tiny_llama(), MoSConfig(target_modules=LLAMA_KINDS, rank=4, budget_rank=2))
-    randomize_adapter(model, std=0.2)
-    model.save_pretrained(root / "open")
-    return root
+    return adapter_root(tmp_path_factory, "open")
 
 
 def serve(root, tokenizer=None, **kwargs):
