@@ -128,9 +128,10 @@ def _ci(b: dict[str, float], digits: int = 2) -> str:
 
 
 def _k(b: dict[str, float]) -> str:
+    """k with its interval; 0 and inf mean below LoRA's smallest and above its largest rank."""
     def one(x: float) -> str:
-        return "<1 (below LoRA@e)" if x == 0 else ">16 (above LoRA@16)" if math.isinf(x) else f"{x:.1f}"
-    return f"{one(b['value'])}× [{one(b['low'])}, {one(b['high'])}]"
+        return "<1×" if x == 0 else ">max×" if math.isinf(x) else f"{x:.1f}×"
+    return f"{one(b['value'])} [{one(b['low'])}, {one(b['high'])}]"
 
 
 def capacity_markdown(track: dict[str, Any]) -> str:
@@ -152,7 +153,7 @@ def capacity_markdown(track: dict[str, Any]) -> str:
         for mos in entry["mos"]:
             lines.append(f"  - {mos['label']}: gap recovered " + "; ".join(
                 f"{METRIC_NAMES[m]} {_ci(mos['recovery'][m])}" for m in metrics)
-                + "; worth LoRA at " + ", ".join(f"{_k(mos['worth'][m])} ({METRIC_NAMES[m]})"
+                + "; worth LoRA at k× its parameters: " + ", ".join(f"{_k(mos['worth'][m])} ({METRIC_NAMES[m]})"
                                                  for m in ("accuracy", "bits") if m in metrics))
     lines += ["", f"Ablation ({h['ablation']['full']}, Δ vs full, 95 % paired-bootstrap interval):", "",
               "| variant | params | " + " | ".join(f"Δ {METRIC_NAMES[m]}" for m in metrics) + " |",
