@@ -217,6 +217,7 @@ def test_quick_capacity_track_end_to_end(tmp_path):
     assert mos["adapter_params"] == lora["adapter_params"]  # MoS@e costs LoRA@e, at r = 8e
     text = capacity.capacity_markdown(track)
     assert "gap recovered" in text and "worth LoRA" in text
+    (tmp_path / "README.md").write_text("# title\n")
     report.write_report(tmp_path / "quick", tmp_path / "README.md")
     assert "### Capacity: where rank matters" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "quick" / "capacity.png").stat().st_size > 10_000

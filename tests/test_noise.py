@@ -44,6 +44,7 @@ def test_loading_a_model_draws_no_progress_bar(tmp_path, capfd):
 
     tiny_llama().save_pretrained(tmp_path / "base")
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "base")
+    hf_logging.enable_progress_bar()  # whatever an earlier test left
     capfd.readouterr()
     load_base(str(tmp_path / "base"))
     captured = capfd.readouterr()

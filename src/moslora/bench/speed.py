@@ -90,10 +90,7 @@ class ModelSpec:
     llama: tuple[int, int, int] | None = None
 
     def build(self) -> nn.Module:
-        from transformers.utils import logging
-
-        # the loader's own tqdm bar would tear rich's progress display
-        logging.disable_progress_bar()
+        # load_base draws no loading bar (noise.no_loading_bars), which would tear rich's display
         if self.llama is None:
             from ..train import load_base
 
