@@ -46,7 +46,7 @@ test-peft-range: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moslora.cli demo
 
-# the whole benchmark suite (~2.8 h on 2 cores; finished runs are cached in results/ and
+# the whole benchmark suite (~4.3 h on 2 cores; finished runs are cached in results/ and
 # skipped, so an interrupted run resumes), then the README's Results section from the JSON
 bench: $(STAMP)
 	$(PY) -m moslora.cli bench quality
