@@ -47,7 +47,7 @@ from transformers import get_linear_schedule_with_warmup
 from .. import MoSConfig, get_mos_model
 from .. import memorization
 from ..data import (Example, Task, answer_scores, answer_window, classification_metrics, collate,
-                    load_task, tokenize_example)
+                    load_task, needs_base, tokenize_example)
 from ..layer import linear_shape
 from ..model import find_targets
 from ..noise import peft_calls
@@ -508,7 +508,7 @@ def loaded_task(name: str, spec: TrackSpec) -> Task:
     """The task's fixed splits (seed 0); a task that picks its items with the base model
     (wikidata) asks the track's."""
     if name not in _TASKS:
-        track = loaded_track(spec) if name.startswith("wikidata") else None
+        track = loaded_track(spec) if needs_base(name) else None
         scorer = track and partial(answer_scores, track.base, track.tokenizer, batch_size=32)
         _TASKS[name] = load_task(name, seed=0, scorer=scorer)
     return _TASKS[name]
