@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from moslora import MoSConfig, get_mos_model
+from moslora.config import default_targets
 
-LLAMA_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_KINDS = default_targets("llama")
 
 
 def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:

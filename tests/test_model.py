@@ -7,7 +7,7 @@ from conftest import LLAMA_KINDS, randomize_adapter, tiny_gpt2, tiny_llama
 from torch import nn
 
 from moslora import MoSConfig, MoSLinear, get_mos_model
-from moslora.model import kind_pattern
+from moslora.targeting import kind_pattern
 
 
 def test_kind_pattern():

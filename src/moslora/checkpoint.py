@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -28,7 +28,7 @@ from .assets import model_reference
 from .atomic import atomic_directory
 from .config import MoSConfig
 from .layer import MoSLinear, is_supported
-from .model import Kind, MoSModel, build_pools, fingerprint, find_targets, group_kinds
+from .targeting import Kind, build_pools, fingerprint, find_targets, group_kinds
 
 FORMAT = "moslora"
 FORMAT_VERSION = 1
@@ -40,10 +40,22 @@ class CheckpointError(ValueError):
     """An adapter directory that cannot be loaded: corrupt, mismatched or from another format."""
 
 
+class Adapted(Protocol):
+    """What saving and exporting read of an ``MoSModel``: ``model.py`` builds on this module,
+    so it is named by its attributes here, not imported."""
+
+    base_model: nn.Module
+    mos_config: MoSConfig
+    kinds: list[Kind]
+    base_fingerprint: dict[str, Any]
+    mos_pools: nn.ModuleDict
+    mos_layers: dict[str, MoSLinear]
+
+
 # ---------------------------------------------------------------------------- save
 
 
-def save_adapter(model: MoSModel, path: str | Path) -> None:
+def save_adapter(model: Adapted, path: str | Path) -> None:
     """Write ``model``'s adapter (pools, private segments, indices) to ``path`` atomically."""
     tensors = {k: _compact(v.detach()).contiguous().cpu() for k, v in model.mos_pools.state_dict().items()}
     header = {
@@ -138,18 +150,7 @@ def read_adapter(
     return config, kinds, state
 
 
-def load_adapter(base_model: nn.Module, path: str | Path) -> MoSModel:
-    """Validate the adapter at ``path`` against ``base_model``, then attach it.
-
-    The base model is modified only once every check of ``read_adapter`` has passed.
-    """
-    config, _, state = read_adapter(base_model, path)
-    model = MoSModel(base_model, config)
-    model.mos_pools.load_state_dict(state, strict=True)
-    return model
-
-
-def load_adapter_weights(model: MoSModel, path: str | Path) -> None:
+def load_adapter_weights(model: Adapted, path: str | Path) -> None:
     """Load saved pools into an existing ``MoSModel`` of the same config (resume, best model)."""
     path = Path(path)
     header = read_adapter_config(path)
@@ -287,7 +288,7 @@ def _checked_state(tensors: dict[str, Tensor], expected: dict[str, Tensor], path
 # ---------------------------------------------------------------------------- export
 
 
-def lora_factors(model: MoSModel, dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def lora_factors(model: Adapted, dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Every adapted layer's dense LoRA factors, by module name: ``A: (r, d_in)``,
     ``B: (d_out, r)``, so that the layer's update is ``(alpha/r) · B A``.
 
@@ -302,7 +303,7 @@ def lora_factors(model: MoSModel, dtype: torch.dtype | None = None) -> dict[str,
     return factors
 
 
-def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_peft_lora(model: Adapted, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Materialize every layer's ``A, B`` into a standard PEFT LoRA directory of rank ``r``.
 
     The result loads with ``peft.PeftModel.from_pretrained(base, out_dir)`` (and so in vLLM,
@@ -336,7 +337,7 @@ def export_peft_lora(model: MoSModel, out_dir: str | Path, dtype: torch.dtype | 
     return out_dir
 
 
-def _peft_targets(model: MoSModel) -> list[str]:
+def _peft_targets(model: Adapted) -> list[str]:
     """Module-name suffixes when they select exactly the adapted layers (what vLLM expects),
     else the full names."""
     adapted = set(model.mos_layers)

@@ -16,6 +16,22 @@ INIT_SCHEMES = ("kaiming", "gaussian")
 MAX_SEED = 2**32 - 1  # numpy's limit, which the Trainer's set_seed inherits
 
 
+# The layers adapted by default, per architecture (``config.model_type``): every linear layer of
+# the decoder blocks of a Llama (SmolLM2: the demo, training and the benchmarks), and of BERT's
+# encoder blocks (not the pooler, not the classifier; the encoder benchmark track).
+DEFAULT_TARGETS: dict[str, tuple[str, ...] | str] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bert": (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
+             r"attention\.output\.dense|intermediate\.dense|output\.dense)"),
+}
+
+
+def default_targets(model_type: str) -> list[str] | str:
+    """``DEFAULT_TARGETS[model_type]`` as ``MoSConfig.target_modules`` takes it (a fresh list)."""
+    targets = DEFAULT_TARGETS[model_type]
+    return targets if isinstance(targets, str) else list(targets)
+
+
 class ConfigError(ValueError):
     """A configuration value out of its allowed range; ``field`` names the offending field."""
 

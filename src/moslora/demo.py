@@ -24,11 +24,10 @@ from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .checkpoint import export_peft_lora
-from .config import MoSConfig
+from .config import MoSConfig, default_targets
 from .model import MoSModel, ParameterReport, get_mos_model
 from .train import dir_bytes
 
-KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def report_table(report: ParameterReport) -> Table:
@@ -55,7 +54,7 @@ def run_selfcheck(steps: int = 30, console: Console | None = None) -> dict[str, 
         num_key_value_heads=2, vocab_size=512,
     )).eval()
     pristine = copy.deepcopy(base)
-    cfg = MoSConfig(target_modules=KINDS, rank=16, budget_rank=2, shards_per_vector=2,
+    cfg = MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, shards_per_vector=2,
                     private_rank=1, alpha=16.0, seed=0)
     model = get_mos_model(base, cfg)
     report = model.parameter_report()

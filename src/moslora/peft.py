@@ -15,8 +15,8 @@ Named adapters (``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_ada
 PEFT's; so is training with ``transformers.Trainer`` or TRL (``SFTTrainer(peft_config=...)``).
 
 There is one copy of the math: the pools of each layer kind are ``moslora.pools.ShardPools``
-built by ``moslora.model.build_pools`` (budget solver, seeded routing and init), targets are
-resolved by ``moslora.model.find_targets``/``group_kinds``, and the forward and merge use
+built by ``moslora.targeting.build_pools`` (budget solver, seeded routing and init), targets are
+resolved by ``moslora.targeting.find_targets``/``group_kinds``, and the forward and merge use
 ``moslora.layer``'s ``low_rank_update``, ``dense_update`` and ``add_to_weight``. With the same
 config and seed, an adapter made here equals ``get_mos_model``'s exactly.
 
@@ -69,7 +69,7 @@ from .layer import (
     linear_shape,
     low_rank_update,
 )
-from .model import UnwrappedView, build_pools, find_targets, group_kinds
+from .targeting import UnwrappedView, build_pools, find_targets, group_kinds
 from .pools import ShardPools
 
 # The PEFT versions this module's use of PEFT internals is tested with (0.21.0 and 0.21.2);

@@ -45,7 +45,8 @@ from .checkpoint import load_adapter_weights
 from .config import ConfigError, MoSConfig, solve_pools
 from .data import (Scorer, Task, answer_scores, collate, evaluate, load_task, needs_base,
                    tokenize_example)
-from .model import MoSModel, find_targets, get_mos_model, group_kinds
+from .model import MoSModel, get_mos_model
+from .targeting import find_targets, group_kinds
 from .noise import no_loading_bars, peft_calls
 # re-exported: moslora.train is where users import the run's config from
 from .train_config import (CHECKPOINT_PREFIX, RUN_OUTPUTS, TRAINER_STATE_NAME, Method, TrainConfig,

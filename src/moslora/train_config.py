@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from .assets import DEFAULT_MODEL_NAMES
-from .config import (MAX_SEED, ConfigError, MoSConfig, require_bool, require_choice, require_float,
+from .config import (MAX_SEED, ConfigError, MoSConfig, default_targets, require_bool, require_choice, require_float,
                      require_int)
 from .data import MEMORIZATION_TASKS, TASKS
 
@@ -52,7 +52,7 @@ class TrainConfig:
     eval_file: str | None = None
     method: Method = "mos"
     mos: MoSConfig = field(default_factory=lambda: MoSConfig(
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=default_targets("llama"),
         rank=16, budget_rank=2, shards_per_vector=2, private_rank=1, alpha=32.0))
     output_dir: str = "runs/default"
     max_steps: int = 60

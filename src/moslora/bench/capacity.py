@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import COLORS, _save, draw_methods  # noqa: E402
+from .plots import COLORS, draw_methods, save_figure  # noqa: E402
 
 # the metrics, and whether larger is better
 METRICS = {"accuracy": True, "bits": True, "loss": False}
@@ -211,4 +211,4 @@ def plot_capacity(track: dict[str, Any], path: Path) -> None:
     ax.set_title("low-data curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)

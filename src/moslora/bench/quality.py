@@ -736,7 +736,7 @@ def run_quality(quick: bool = False, results_dir: Path = Path("results"),
                                 median_run_seconds=statistics.median(seconds))
             result["tracks"][spec.name] = track_result
     write_json(out / "quality.json", result)
-    from .report import plot_quality
+    from .plots import plot_quality
 
     plot_quality(result, out / "quality.png")
     return result
@@ -773,7 +773,7 @@ def run_ablation(quick: bool = False, results_dir: Path = Path("results"),
               "track": ABLATION_TRACK, "task": ABLATION_TASK, "budget": ABLATION_BUDGET, "rank": rank,
               "spec": asdict(spec), "learning_rates": rates, "results": rows}
     write_json(out / "ablation.json", result)
-    from .report import plot_ablation
+    from .plots import plot_ablation
 
     plot_ablation(result, out / "ablation.png")
     return result

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..checkpoint import read_adapter
 from ..config import MoSConfig
 from ..layer import MoSLinear, dense_weight, linear_shape, set_dense_weight
-from ..model import Kind, UnwrappedView, build_pools
+from ..targeting import Kind, UnwrappedView, build_pools
 from .cache import FactorCache, Factors
 
 BASE = "__base__"

@@ -1,0 +1,86 @@
+"""No import circle: the package's modules form layers (config → pools → layer → targeting →
+checkpoint → model → … → cli), and so do the benchmarks built on it.
+
+The graph is read from the source with ``ast``, counting every import, also those inside
+functions (an import deferred to call time still ties two modules in a circle); one fresh
+interpreter then imports every module in layer order.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"moslora": ROOT / "src" / "moslora", "benchmarks": ROOT / "benchmarks"}
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the project's packages by dotted name (a package by its ``__init__``)."""
+    modules = {}
+    for package, root in PACKAGES.items():
+        for path in sorted(root.rglob("*.py")):
+            parts = [package, *path.relative_to(root).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules that module ``name`` imports.
+
+    ``from p import x`` depends on module ``p.x`` if there is one, else on ``p`` (x is its
+    attribute). The parent packages that Python initialises on the way are not counted: a
+    package whose ``__init__`` imports its modules would otherwise sit in a circle with each.
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return (found & known) - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imported(name, path, set(files)) for name, path in files.items()}
+
+
+def layer_order() -> list[str]:
+    return list(TopologicalSorter(import_graph()).static_order())
+
+
+def test_the_import_graph_has_no_circle() -> None:
+    try:
+        TopologicalSorter(import_graph()).prepare()
+    except CycleError as err:
+        pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
+
+
+def test_targeting_and_checkpoint_sit_below_the_model() -> None:
+    graph = import_graph()
+    assert "moslora.model" not in graph["moslora.checkpoint"]
+    assert "moslora.model" not in graph["moslora.targeting"]
+    assert "moslora.checkpoint" not in graph["moslora.targeting"]
+
+
+def test_every_module_imports_in_layer_order_in_a_fresh_interpreter() -> None:
+    order = layer_order()
+    script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1", "HOME": str(Path.home())})
+    assert done.returncode == 0, done.stderr[-2000:]
