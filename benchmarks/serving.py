@@ -82,7 +82,7 @@ def llama_small(args: argparse.Namespace) -> Track:
 
 
 def smollm2(args: argparse.Namespace) -> Track:
-    from moslora.train import load_base
+    from moslora.base import load_base
 
     peft_max = min(args.smollm2_peft_max, max(args.adapters))
     left_out = ("mos_cache (measured on llama-small; a SmolLM2 adapter's dense factors are 19.6 MB, "

@@ -130,6 +130,7 @@ def flat(output: str) -> str:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Every entry point that loads a model or starts work fails the test if reached."""
+    import moslora.base
     import moslora.demo
     import moslora.serving.server
     import moslora.train
@@ -137,7 +138,7 @@ def no_model_loading(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a bad option reached model loading")
 
-    for module, name in ((moslora.train, "load_base"), (moslora.train, "train"),
+    for module, name in ((moslora.base, "load_base"), (moslora.train, "train"),
                          (moslora.serving.server, "load_server"), (moslora.demo, "run_finetune_demo"),
                          (moslora.demo, "run_selfcheck")):
         monkeypatch.setattr(module, name, reached)
@@ -281,7 +282,7 @@ def no_base_loading(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("the base model was loaded before the run was checked")
 
-    monkeypatch.setattr(moslora.train, "load_base", reached)
+    monkeypatch.setattr(moslora.train, "load_base", reached)  # train's own reference to base.load_base
 
 
 def test_train_reports_user_errors_in_one_line_before_loading_the_model(model_folder, tmp_path,

@@ -9,6 +9,7 @@ interpreter then imports every module in layer order.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from graphlib import CycleError, TopologicalSorter
@@ -63,6 +64,11 @@ def layer_order() -> list[str]:
     return list(TopologicalSorter(import_graph()).static_order())
 
 
+def _fresh_env() -> dict[str, str]:
+    """The environment of a fresh interpreter that finds the checkout's packages first."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+
+
 def test_the_import_graph_has_no_circle() -> None:
     try:
         TopologicalSorter(import_graph()).prepare()
@@ -81,6 +87,14 @@ def test_every_module_imports_in_layer_order_in_a_fresh_interpreter() -> None:
     order = layer_order()
     script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin",
-                               "OMP_NUM_THREADS": "1", "HOME": str(Path.home())})
+                          env=_fresh_env())
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_server_does_not_import_the_training_stack() -> None:
+    script = ("import sys, moslora.serving.server\n"
+              "print(sorted(m for m in ('moslora.train', 'transformers.trainer') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=_fresh_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -25,7 +25,7 @@ def _future_warnings(call) -> list[str]:
 
 
 def test_a_peft_lora_run_has_no_gradient_checkpointing_warning():
-    from moslora.train import wrap
+    from moslora.model import wrap
 
     cfg = MoSConfig(target_modules=["q_proj"], rank=2, budget_rank=2)
     assert not [m for m in _future_warnings(lambda: wrap(tiny_llama(), "lora", cfg))
@@ -40,7 +40,7 @@ def test_loading_a_model_draws_no_progress_bar(tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 
     from moslora.assets import default_model_path
-    from moslora.train import load_base
+    from moslora.base import load_base
 
     tiny_llama().save_pretrained(tmp_path / "base")
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "base")

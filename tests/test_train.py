@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from moslora import MoSConfig
 from moslora.assets import default_model_path
 from moslora.cli import app
-from moslora.train import TrainConfig, last_checkpoint, load_base, train
+from moslora.base import load_base
+from moslora.train import TrainConfig, last_checkpoint, train
 
 TINY_MOS = MoSConfig(target_modules=["q_proj", "v_proj"], rank=4, budget_rank=2, private_rank=0)
 

@@ -11,8 +11,9 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from .config import ConfigError, MoSConfig
-from .train_config import LR_SCHEDULERS, TrainConfig
+from .config import MAX_SEED, ConfigError, MoSConfig
+from .demo import DEMO_DIR
+from .train_config import LR_SCHEDULERS, MIN_LENGTH, TrainConfig
 
 _HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Mixture of Shards (MoS) adapters: fine-tune, evaluate, inspect, export.",
@@ -174,8 +175,8 @@ def train(
                                       help="validation examples scored at each evaluation"),
     test_examples: int = typer.Option(_default("test_examples"), min=1,
                                       help="test examples scored after training"),
-    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example (prompt cut first)"),
-    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1,
+    max_length: int = typer.Option(_default("max_length"), min=MIN_LENGTH, help="tokens per example (prompt cut first)"),
+    seed: int = typer.Option(_default("seed"), min=0, max=MAX_SEED,
                              help="seeds the splits, the routing and the training"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="compute in bfloat16 (needs a GPU that supports it) "
@@ -209,16 +210,16 @@ def train(
 
 @app.command("eval")
 def evaluate_cmd(
-    task: str = typer.Option("sentiment", callback=_task, help="task name or .jsonl/.csv file"),
+    task: str = typer.Option(_default("task"), callback=_task, help="task name or .jsonl/.csv file"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="base model [default: the adapter's recorded base, else "
                                              "the embedded SmolLM2]"),
     adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
                                            help="an MoS adapter or exported PEFT LoRA directory"),
-    examples: int = typer.Option(300, min=1, help="test examples to score"),
-    max_length: int = typer.Option(_default("max_length"), min=8, help="tokens per example"),
+    examples: int = typer.Option(_default("test_examples"), min=1, help="test examples to score"),
+    max_length: int = typer.Option(_default("max_length"), min=MIN_LENGTH, help="tokens per example"),
     batch_size: int = typer.Option(_default("batch_size"), min=1, help="examples per forward pass"),
-    seed: int = typer.Option(_default("seed"), min=0, max=2**32 - 1, help="split seed (as in training)"),
+    seed: int = typer.Option(_default("seed"), min=0, max=MAX_SEED, help="split seed (as in training)"),
 ) -> None:
     """Evaluate a base model, with or without an adapter, on a task's test split."""
     from .data import evaluate, load_task
@@ -305,7 +306,7 @@ def _load_model(adapter: Optional[Path], model: Optional[str]):
     An MoS adapter is checked before the base loads, so a broken one costs no loading time.
     """
     from .checkpoint import read_adapter_config
-    from .train import load_base
+    from .base import load_base
 
     if adapter and not _is_peft(adapter):
         with _usage_errors("'--adapter'"):
@@ -341,6 +342,7 @@ def info(
     Exits with code 1 when the weights are corrupt.
     """
     from .checkpoint import CheckpointError, read_adapter_config, verify_adapter
+    from .sizes import adapter_bytes
 
     with _usage_errors("path"):
         header = read_adapter_config(path)
@@ -348,8 +350,7 @@ def info(
         header, problem = verify_adapter(path), None
     except CheckpointError as err:
         problem = str(err)
-    summary = {**header, "path": str(path), "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir()
-                                                                  if f.is_file()),
+    summary = {**header, "path": str(path), "bytes_on_disk": adapter_bytes(path),
                "integrity": problem or "ok"}
     typer.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
     if problem:
@@ -385,7 +386,7 @@ def _load_mos(adapter: Path, model: Optional[str]):
     """The base model with the MoS adapter at ``adapter`` attached, and its tokenizer."""
     from .checkpoint import read_adapter_config
     from .model import MoSModel
-    from .train import load_base
+    from .base import load_base
 
     with _usage_errors("adapter"):
         read_adapter_config(adapter)  # a broken adapter is reported before the base loads
@@ -536,9 +537,9 @@ def serve(
 
 @app.command()
 def demo(
-    steps: int = typer.Option(60, min=1, help="fine-tuning steps"),
-    test_examples: int = typer.Option(300, min=1, help="test reviews scored before and after"),
-    output_dir: str = typer.Option("runs/demo", help="run folder (a previous demo there is replaced)"),
+    steps: int = typer.Option(_default("max_steps"), min=1, help="fine-tuning steps"),
+    test_examples: int = typer.Option(_default("test_examples"), min=1, help="test reviews scored before and after"),
+    output_dir: str = typer.Option(DEMO_DIR, help="run folder (a previous demo there is replaced)"),
 ) -> None:
     """Fine-tune the embedded SmolLM2 with MoS on sentiment: accuracy before -> after, vs LoRA."""
     from .demo import run_finetune_demo

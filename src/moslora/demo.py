@@ -26,7 +26,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .checkpoint import export_peft_lora
 from .config import MoSConfig, default_targets
 from .model import MoSModel, ParameterReport, get_mos_model
-from .train import dir_bytes
+from .sizes import adapter_bytes
+from .train_config import TrainConfig
+
+DEMO_DIR = "runs/demo"  # the demo's run folder: each demo replaces the last
 
 
 
@@ -100,7 +103,7 @@ def run_selfcheck(steps: int = 30, console: Console | None = None) -> dict[str, 
 
             peft_model = PeftModel.from_pretrained(copy.deepcopy(pristine), peft_dir).eval()
             peft_diff = (peft_model(probe).logits - logits).abs().max().item()
-            mos_bytes, peft_bytes = dir_bytes(mos_dir), dir_bytes(peft_dir)
+            mos_bytes, peft_bytes = adapter_bytes(mos_dir), adapter_bytes(peft_dir)
 
     checks = Table(title="exactness (max |logit difference| vs the unmerged MoS model, fp32)")
     checks.add_column("check")
@@ -119,11 +122,15 @@ def run_selfcheck(steps: int = 30, console: Console | None = None) -> dict[str, 
             "loss_last": losses[-1], "seconds": seconds}
 
 
-def run_finetune_demo(steps: int = 60, test_examples: int = 300, output_dir: str = "runs/demo",
-                      console: Console | None = None) -> dict[str, float]:
-    """Zero-shot, fine-tune, evaluate again; print the table; write ``output_dir/metrics.json``."""
+def run_finetune_demo(steps: int = TrainConfig.max_steps, test_examples: int = TrainConfig.test_examples,
+                      output_dir: str = DEMO_DIR, console: Console | None = None) -> dict[str, float]:
+    """Zero-shot, fine-tune, evaluate again; print the table; write ``output_dir/metrics.json``.
+
+    The run is ``TrainConfig``'s default one (MoS on sentiment), with ``steps`` and a small
+    validation set."""
+    from .base import load_base
     from .data import Task, evaluate, load_task
-    from .train import TrainConfig, load_base, train
+    from .train import train
 
     console = console or Console(width=None if sys.stdout.isatty() else 120)
     start = time.perf_counter()
@@ -162,7 +169,7 @@ def run_finetune_demo(steps: int = 60, test_examples: int = 300, output_dir: str
         "lora_params_same_rank": report.lora_same_rank_total,
         "lora_params_8e": sum(p.lora_params(8 * e) for p in report.kinds.values()),
         "adapter_bytes": result.metrics["adapter_bytes"],
-        "lora_adapter_bytes_same_rank": dir_bytes(peft_dir),
+        "lora_adapter_bytes_same_rank": adapter_bytes(peft_dir),
         "peft_export_max_logit_diff": export_diff,
         "seconds": time.perf_counter() - start,
     }

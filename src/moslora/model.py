@@ -11,14 +11,16 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from torch import nn
 
 from .checkpoint import read_adapter, save_adapter
 from .config import MoSConfig, PoolPlan
 from .layer import MoSLinear, keep_4bit_layout_stable
+from .noise import peft_calls
 from .pools import ShardPools
+from .sizes import stored_parameters, trainable_parameters
 from .targeting import build_pools, find_targets, fingerprint, group_kinds, swap_module
 
 
@@ -139,10 +141,10 @@ class MoSModel(nn.Module):
     # ---- parameters
     def trainable_parameters(self) -> int:
         """Number of trainable parameters (MoS pools and segments, plus anything unfrozen)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable_parameters(self)
 
     def print_trainable_parameters(self) -> None:
-        total = sum(_stored_numel(p) for p in self.parameters())
+        total = stored_parameters(self)
         trainable = self.trainable_parameters()
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || "
@@ -222,11 +224,6 @@ class MoSModel(nn.Module):
         return model
 
 
-def _stored_numel(param: nn.Parameter) -> int:
-    # a 4-bit weight packs two values per uint8 element
-    return param.numel() * 2 if hasattr(param, "quant_state") else param.numel()
-
-
 def get_mos_model(base_model: nn.Module, config: MoSConfig) -> MoSModel:
     """Freeze ``base_model`` and add MoS adapters to the layers ``config`` targets.
 
@@ -240,3 +237,15 @@ def get_mos_model(base_model: nn.Module, config: MoSConfig) -> MoSModel:
             f"rank {config.rank}; MoS is meant for budget_rank well below rank (e.g. rank 16, "
             "budget_rank 2)", UserWarning, stacklevel=2)
     return MoSModel(base_model, config)
+
+
+def wrap(base: nn.Module, method: Literal["mos", "lora"], cfg: MoSConfig) -> nn.Module:
+    """Attach a fresh adapter: MoS, or PEFT LoRA at MoS's per-layer rank with its settings."""
+    if method == "mos":
+        return get_mos_model(base, cfg)
+    from peft import LoraConfig, get_peft_model
+
+    with peft_calls():
+        return get_peft_model(base, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))

@@ -38,22 +38,22 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import sort_checkpoints
 
-from .assets import resolve_model
 from .atomic import (atomic_file, publish_directory, remove_directory, remove_stale_staging,
                      staging_directory)
 from .checkpoint import load_adapter_weights
 from .config import ConfigError, MoSConfig, solve_pools
 from .data import (Scorer, Task, answer_scores, collate, evaluate, load_task, needs_base,
                    tokenize_example)
-from .model import MoSModel, get_mos_model
+from .base import load_base, model_skeleton
+from .model import MoSModel, wrap
+from .sizes import adapter_bytes, trainable_parameters
 from .targeting import find_targets, group_kinds
-from .noise import no_loading_bars, peft_calls
 # re-exported: moslora.train is where users import the run's config from
 from .train_config import (CHECKPOINT_PREFIX, RUN_OUTPUTS, TRAINER_STATE_NAME, Method, TrainConfig,
-                           bf16_supported, checkpoint_dir, last_checkpoint, resume_checkpoint)
+                           checkpoint_dir, last_checkpoint, resume_checkpoint)
 
 __all__ = ["AdapterTrainer", "Method", "TrainConfig", "TrainResult", "TrainingDiverged", "checkpoint_dir",
-           "last_checkpoint", "load_base", "resume_checkpoint", "train"]
+           "last_checkpoint", "resume_checkpoint", "train"]
 
 
 @dataclass
@@ -66,45 +66,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- loading
-
-
-def load_base(model: str | None, load_in_4bit: bool = False,
-              bf16: bool | None = None) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from a local path, a GGUF file or the embedded default.
-
-    ``bf16`` loads it in bfloat16 (``None``: when the GPU supports it), else in float32.
-    """
-    path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    use_bf16 = bf16_supported() if bf16 is None else bf16
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"])
-    with no_loading_bars():
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if torch.cuda.is_available() and not load_in_4bit:
-        base = base.cuda()
-    return base, tokenizer
-
-
-def model_skeleton(model: str | None) -> nn.Module:
-    """The module tree of ``model`` built from its config.json alone, on the meta device: no
-    weights are read, so checks against it take a moment even for a large model."""
-    from transformers import AutoConfig
-
-    try:
-        path = resolve_model(model)
-        config = AutoConfig.from_pretrained(path)
-    except ValueError as err:  # no config.json, or one transformers cannot read
-        raise ConfigError("model", str(err)) from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def check_fit(cfg: TrainConfig, base: nn.Module) -> None:
@@ -126,22 +87,6 @@ def load_run_task(cfg: TrainConfig, scorer: Scorer | None = None) -> Task:
         return load_task(cfg.task, seed=cfg.seed, eval_file=cfg.eval_file, scorer=scorer)
     except ValueError as err:
         raise ConfigError("task", str(err)) from None
-
-
-def wrap(base: nn.Module, method: Method, cfg: MoSConfig) -> nn.Module:
-    """Attach a fresh adapter: MoS, or PEFT LoRA at MoS's per-layer rank with its settings."""
-    if method == "mos":
-        return get_mos_model(base, cfg)
-    from peft import LoraConfig, get_peft_model
-
-    with peft_calls():
-        return get_peft_model(base, LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -430,7 +375,7 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
     }
     if trainer.is_world_process_zero():  # under DDP every rank holds the same adapter
         model.save_pretrained(adapter_dir)
-        metrics["adapter_bytes"] = dir_bytes(adapter_dir)
+        metrics["adapter_bytes"] = adapter_bytes(adapter_dir)
         metrics["seconds"] = time.perf_counter() - started
         _write_json(run_dir / "metrics.json", metrics)
         _write_json(run_dir / "config.json", _config_dict(cfg))
@@ -450,11 +395,6 @@ def clear_run(run_dir: Path) -> None:
             remove_directory(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes of all files under ``path``."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from .assets import DEFAULT_MODEL_NAMES
+from .base import bf16_supported
 from .config import (MAX_SEED, ConfigError, MoSConfig, default_targets, require_bool, require_choice, require_float,
                      require_int)
 from .data import MEMORIZATION_TASKS, TASKS
@@ -133,11 +132,6 @@ class TrainConfig:
     def use_bf16(self) -> bool:
         """Whether the run computes in bfloat16 (``bf16``, or auto: when the GPU supports it)."""
         return bf16_supported() if self.bf16 is None else self.bf16
-
-
-def bf16_supported() -> bool:
-    """A CUDA GPU with bfloat16 support (on CPU, bf16 autocast is slower than fp32 here)."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def check_task(task: Any) -> None:

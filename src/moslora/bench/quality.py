@@ -51,6 +51,7 @@ from ..data import (Example, Task, answer_scores, answer_window, classification_
 from ..layer import linear_shape
 from ..model import find_targets
 from ..noise import peft_calls
+from ..sizes import adapter_bytes
 from .runs import RunStore, environment, read_json, write_json
 
 TRACKS = ("encoder", "llm", "capacity")
@@ -202,11 +203,10 @@ def _dims(model: nn.Module, targets: list[str] | str) -> list[tuple[int, int]]:
     return [linear_shape(named[n]) for n in find_targets(model, targets)]
 
 
-def adapter_bytes(model: nn.Module, scratch: Path) -> int:
-    """Bytes of the saved adapter (safetensors + config), in each library's own format."""
+def saved_bytes(model: nn.Module, scratch: Path) -> int:
+    """Bytes of the adapter saved in each library's own format (``sizes.adapter_bytes``)."""
     model.save_pretrained(scratch)
-    # weights and config; PEFT also writes a README model card, which is not the adapter
-    size = sum(f.stat().st_size for f in scratch.rglob("*") if f.suffix in (".safetensors", ".json"))
+    size = adapter_bytes(scratch)
     shutil.rmtree(scratch)
     return size
 
@@ -344,7 +344,7 @@ class EncoderTrack(Track):
 
 class LLMTrack(Track):
     def __init__(self, spec: TrackSpec) -> None:
-        from ..train import load_base
+        from ..base import load_base
 
         self.spec, self.targets = spec, LLM_TARGETS
         self.base, self.tokenizer = load_base(None)
@@ -480,7 +480,7 @@ def train_and_evaluate(track: Track, task: Task, run: RunSpec, scratch: Path) ->
                                                                             "loss": math.nan}
     test = scores(task.test[:run.test_examples])
     control = {f"control_{k}": v for k, v in scores(task.control).items()} if task.control else {}
-    size = adapter_bytes(model, scratch / run.key) if params else 0
+    size = saved_bytes(model, scratch / run.key) if params else 0
     return {"key": run.key, "run": asdict(run), "label": run.adapter.label, "solved": solved,
             "adapter_params": sum(p.numel() for p in params),
             "head_params": sum(p.numel() for p in head), "adapter_bytes": size,

@@ -59,6 +59,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import MoSConfig
 from ..model import MoSModel
+from ..sizes import trainable_parameters
 from .runs import environment, write_json
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -92,7 +93,7 @@ class ModelSpec:
     def build(self) -> nn.Module:
         # load_base draws no loading bar (noise.no_loading_bars), which would tear rich's display
         if self.llama is None:
-            from ..train import load_base
+            from ..base import load_base
 
             return load_base(None)[0]
         return random_llama(*self.llama).to(_device())
@@ -162,7 +163,7 @@ def _one_thread() -> Iterator[None]:
 def adapt(base: nn.Module, method: str, cfg: MoSConfig) -> nn.Module:
     """``base`` with the method's adapter (``mos``, ``lora_r``, ``lora_e``), or ``base`` alone
     with gradients flowing back to its input embeddings (the frozen model's share of a step)."""
-    from ..train import wrap
+    from ..model import wrap
 
     if method == "base":
         base.requires_grad_(False)  # as under an adapter: no weight gradients, no optimizer
@@ -171,10 +172,6 @@ def adapt(base: nn.Module, method: str, cfg: MoSConfig) -> nn.Module:
     if method == "lora_e":
         return wrap(base, "lora", replace(cfg, rank=cfg.budget_rank))
     return wrap(base, "mos" if method == "mos" else "lora", cfg)
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def token_batch(model: nn.Module, batch: int, seq: int) -> torch.Tensor:
@@ -262,7 +259,7 @@ def measure_model(spec: ModelSpec, plan: Plan, rows: list[dict[str, Any]],
     result: dict[str, Any] = {
         "model": {"name": spec.name, "llama": spec.llama, "layers": base.config.num_hidden_layers,
                   "hidden": base.config.hidden_size, "params": sum(p.numel() for p in base.parameters()),
-                  "trainable": {m: trainable(models[m]) for m in METHODS}},
+                  "trainable": {m: trainable_parameters(models[m]) for m in METHODS}},
         "sweep": None}
     del base
     assembly = assembly_timer(models["mos"])

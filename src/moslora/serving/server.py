@@ -534,7 +534,7 @@ def load_server(base: str | None, adapter_root: str | Path, keys: ApiKeys | None
     """Load the base (a local HF folder, a .gguf file, or ``None`` for the embedded default;
     ``train.load_base``) and every MoS adapter directly under ``adapter_root``; directories
     that are not MoS adapters are skipped with a note."""
-    from ..train import load_base
+    from ..base import load_base
 
     base_model, tokenizer = load_base(base)
     model = MultiAdapterModel(base_model.eval())
