@@ -47,27 +47,26 @@ demo: $(STAMP)
 	$(PY) -m moslora.cli demo
 
 # the whole benchmark suite (~4.3 h on 2 cores; finished runs are cached in results/ and
-# skipped, so an interrupted run resumes), then the README's Results section from the JSON
+# skipped, so an interrupted run resumes), then the README's Results section from the JSON.
+# The benchmarks live in benchmarks/ (a package of the checkout, not installed with moslora).
 bench: $(STAMP)
-	$(PY) -m moslora.cli bench quality
-	$(PY) -m moslora.cli bench ablate
-	$(PY) -m moslora.cli bench speed
-	$(PY) -m moslora.cli bench report
+	$(PY) -m benchmarks.quality
+	$(PY) -m benchmarks.speed
+	$(PY) -m benchmarks.report
 
 # minutes, not hours: every method once, few steps (results/quick/)
 bench-quick: $(STAMP)
-	$(PY) -m moslora.cli bench quality --quick
-	$(PY) -m moslora.cli bench ablate --quick
-	$(PY) -m moslora.cli bench speed --quick
+	$(PY) -m benchmarks.quality --quick
+	$(PY) -m benchmarks.speed --quick
 
 bench-speed: $(STAMP)
-	$(PY) benchmarks/speed.py
+	$(PY) -m benchmarks.speed
 
 bench-serving: $(STAMP)
-	$(PY) benchmarks/serving.py
+	$(PY) -m benchmarks.serving
 
 load-test: $(STAMP)
-	$(PY) -m moslora.serving.loadtest
+	$(PY) -m benchmarks.loadtest
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -5,7 +5,7 @@ learning rate), one or more seeds, and records every run in results/capacity_pil
 cache: run again to resume) with a summary JSON. The regime the capacity track uses is the one
 where LoRA@8e beats LoRA@e by a wide margin at a cost that fits the track's budget.
 
-    python benchmarks/capacity_pilot.py [--seeds 1]
+    python -m benchmarks.capacity_pilot [--seeds 1]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from moslora.bench.quality import Adapter, TrackSpec, _progress, _run_spec, _runner
-from moslora.bench.runs import environment, write_json
+from . import environment, write_json
+from .quality import Adapter, TrackSpec, _progress, _run_spec, _runner
 
 BASE = TrackSpec("capacity", ("facts:256",), budgets=(1,), seeds=1, steps=0, batch_size=16,
                  max_length=32, eval_examples=1024, test_examples=1024, bf16=True, epochs=8)

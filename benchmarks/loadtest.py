@@ -1,7 +1,7 @@
 """Load test: start the server on 127.0.0.1, drive it with bounded concurrency, report latency.
 
-    python -m moslora.serving.loadtest [--clients 64] [--requests 2000] [--time-limit 120]
-    python -m moslora.serving.loadtest --mixed [--requests 5000] [--malformed 2500] [--clients 64]
+    python -m benchmarks.loadtest [--clients 64] [--requests 2000] [--time-limit 120]
+    python -m benchmarks.loadtest --mixed [--requests 5000] [--malformed 2500] [--clients 64]
 
 Builds a small random Llama with a word-level tokenizer and ``--adapters`` MoS adapters in a
 temporary directory, starts ``python -m moslora.cli serve`` on a free port as a child
@@ -46,9 +46,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..config import MoSConfig
-from ..model import get_mos_model
-from .multi import BASE, MultiAdapterModel
+from moslora.config import MoSConfig
+from moslora.model import get_mos_model
+from moslora.serving.multi import BASE, MultiAdapterModel
 
 WORDS = 124  # w0 .. w123, after 4 special tokens: 128 ids
 
@@ -204,7 +204,7 @@ def threaded_server(app: Any) -> Iterator[str]:
 def run_mixed(workdir: Path, adapters: int = 4, valid: int = 240, malformed: int = 120, clients: int = 12,
               max_tokens: int = 4, seed: int = 0) -> dict[str, Any]:
     """Valid and malformed requests mixed against a real server; see the module docstring."""
-    from .server import ApiKeys, Limits, create_app
+    from moslora.serving.server import ApiKeys, Limits, create_app
 
     base_dir, adapter_root = build_assets(Path(workdir), adapters)
     tokenizer = word_tokenizer()

@@ -16,10 +16,13 @@ the track's first task (see ``pick_rate`` for the choice); the LLM track also sc
 base model zero-shot. Runs train two at a time in worker processes (``default_workers``).
 Finished runs are appended to ``runs.jsonl`` in the results folder and skipped when the
 suite runs again.
+
+    python -m benchmarks.quality [--quick] [--results DIR] [--tracks encoder,llm,capacity] [--no-ablation]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import ctypes
 import hashlib
@@ -44,21 +47,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from .. import MoSConfig, get_mos_model
-from .. import memorization
-from ..data import (Example, Task, answer_scores, answer_window, classification_metrics, collate,
+from moslora import MoSConfig, get_mos_model, memorization
+from moslora.config import default_targets
+from moslora.data import (Example, Task, answer_scores, answer_window, classification_metrics, collate,
                     load_task, needs_base, tokenize_example)
-from ..layer import linear_shape
-from ..model import find_targets
-from ..noise import peft_calls
-from ..sizes import adapter_bytes
-from .runs import RunStore, environment, read_json, write_json
+from moslora.layer import linear_shape
+from moslora.noise import peft_calls
+from moslora.sizes import adapter_bytes
+from moslora.targeting import find_targets
+
+from . import RunStore, environment, read_json, write_json
 
 TRACKS = ("encoder", "llm", "capacity")
-LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# every linear layer of BERT's encoder blocks; not the pooler, not the classifier
-ENCODER_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|"
-                   r"attention\.output\.dense|intermediate\.dense|output\.dense)")
 # learning-rate sweep: the same four points (default / 3 ... default * 9) per family, around
 # each method's usual default (VeRA and VB-LoRA train few scalars / a small bank and are tuned
 # at higher rates in their papers). A first three-point grid put LoRA's and VB-LoRA's best
@@ -307,10 +307,10 @@ class EncoderTrack(Track):
     def __init__(self, spec: TrackSpec) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..assets import encoder_model_path
+        from moslora.assets import encoder_model_path
 
         path = encoder_model_path()
-        self.spec, self.targets = spec, ENCODER_TARGETS
+        self.spec, self.targets = spec, default_targets("bert")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         self.layers = self.base.config.num_hidden_layers
@@ -344,9 +344,9 @@ class EncoderTrack(Track):
 
 class LLMTrack(Track):
     def __init__(self, spec: TrackSpec) -> None:
-        from ..base import load_base
+        from moslora.base import load_base
 
-        self.spec, self.targets = spec, LLM_TARGETS
+        self.spec, self.targets = spec, default_targets("llama")
         self.base, self.tokenizer = load_base(None)
         self.layers = self.base.config.num_hidden_layers
 
@@ -779,3 +779,29 @@ def run_ablation(quick: bool = False, results_dir: Path = Path("results"),
     return result
 
 
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a minutes-long smoke run (one seed, few steps)")
+    ap.add_argument("--results", type=Path, default=Path("results"),
+                    help="where the JSON and PNG go (finished runs are reused)")
+    ap.add_argument("--tracks", default=",".join(TRACKS), help="comma-separated: " + ", ".join(TRACKS))
+    ap.add_argument("--no-ablation", action="store_true", help="skip the ablation")
+    ap.add_argument("--workers", type=_positive, default=None,
+                    help="runs trained side by side, each on cores/workers threads [default: 2 on 2+ cores]")
+    args = ap.parse_args(argv)
+    tracks = [t.strip() for t in args.tracks.split(",") if t.strip()]
+    if not tracks or (unknown := set(tracks) - set(TRACKS)):
+        ap.error(f"unknown tracks {args.tracks!r}; choose from {', '.join(TRACKS)}")
+    run_quality(quick=args.quick, results_dir=args.results, tracks=tracks, workers=args.workers)
+    if not args.no_ablation:
+        run_ablation(quick=args.quick, results_dir=args.results, workers=args.workers)
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ for N adapters of one seed (identical routing indices, held once), vs LoRA at ra
 paper's equal-quality setting), LoRA at rank e, and PEFT's actual resident bytes (rank r).
 Writes results/serving.json and results/serving.png (``--quick``: runs/serving-quick.*).
 
-    python benchmarks/serving.py [--quick] [--tracks llama-small smollm2] [--reps 5]
+    python -m benchmarks.serving [--quick] [--tracks llama-small smollm2] [--reps 5]
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ from peft import PeftModel
 from torch import nn
 
 from moslora import MoSConfig, MoSModel, ParameterReport, export_peft_lora, get_mos_model
-from moslora.bench.speed import KINDS, random_llama
+from moslora.config import default_targets
 from moslora.serving import MultiAdapterModel
+
+from . import random_llama
 
 Forward = Callable[[torch.Tensor, list[str | None]], torch.Tensor]
 COLORS = {"mos": "C0", "mos_cache": "C1", "peft": "C2", "merged": "C3"}  # one color per system in every panel
@@ -77,7 +79,7 @@ def llama_small(args: argparse.Namespace) -> Track:
     return Track(
         "llama-small", "Llama from a config: hidden 512, 4 layers, 8 heads, vocab 8192",
         random_llama(512, 4).eval(),
-        MoSConfig(target_modules=list(KINDS), rank=16, budget_rank=8, private_rank=1, shards_per_vector=2),
+        MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=8, private_rank=1, shards_per_vector=2),
         threads=args.threads, reps=args.reps, peft_max=max(args.adapters))
 
 
@@ -94,7 +96,7 @@ def smollm2(args: argparse.Namespace) -> Track:
     return Track(
         "smollm2", "SmolLM2-135M-Instruct (pretrained, fp32): 30 layers, hidden 576, vocab 49152",
         load_base(None)[0].eval(),
-        MoSConfig(target_modules=list(KINDS), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2),
+        MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2),
         threads=args.smollm2_threads, reps=args.smollm2_reps, peft_max=peft_max, cache=False, left_out=left_out)
 
 

@@ -1,6 +1,6 @@
 """Training speed and peak memory of MoS vs PEFT LoRA, and where MoS time goes.
 
-``moslora bench speed`` (``run_speed``) measures, for each base model and batch shape, one
+``python -m benchmarks.speed`` (``run_speed``; ``make bench-speed``) measures, for each base model and batch shape, one
 training step (forward + backward + AdamW) of
 
 - ``mos``: MoS at the project default (r = 16, budget e = 2, l = 2 shards per vector, p = 1),
@@ -37,6 +37,7 @@ Writes ``speed.json`` and ``speed.png`` (``quick/`` under the results directory 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import json
@@ -55,29 +56,18 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..config import MoSConfig
-from ..model import MoSModel
-from ..sizes import trainable_parameters
-from .runs import environment, write_json
+from moslora.config import MoSConfig, default_targets
+from moslora.model import MoSModel
+from moslora.sizes import trainable_parameters
+from . import environment, random_llama, write_json
 
-KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("mos", "lora_r", "lora_e")
 RATIOS = (("mos", "lora_r"), ("mos", "lora_e"))
 TARGET = 1.10  # DESIGN.md §5: MoS / PEFT LoRA step time at the same per-layer rank
 SEED = 0
 
 Timer = Callable[[], float]
-
-
-def random_llama(hidden: int, layers: int, vocab: int = 8192, seed: int = SEED) -> LlamaForCausalLM:
-    """A random Llama from a config: MLP width 11/4 of hidden (as Llama's 2816 for 1024), heads of 64."""
-    torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab))
 
 
 @dataclass(frozen=True)
@@ -93,7 +83,7 @@ class ModelSpec:
     def build(self) -> nn.Module:
         # load_base draws no loading bar (noise.no_loading_bars), which would tear rich's display
         if self.llama is None:
-            from ..base import load_base
+            from moslora.base import load_base
 
             return load_base(None)[0]
         return random_llama(*self.llama).to(_device())
@@ -115,7 +105,7 @@ class Plan:
     mos: MoSConfig
 
 
-DEFAULT_MOS = MoSConfig(target_modules=list(KINDS), rank=16, budget_rank=2, shards_per_vector=2,
+DEFAULT_MOS = MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, shards_per_vector=2,
                         private_rank=1, seed=SEED)
 SMOLLM2 = "SmolLM2-135M-Instruct"
 # Subset selection needs (e - p) · L >= r - p, i.e. L >= 15 layers at r = 16, e = 2, p = 1: the
@@ -163,7 +153,7 @@ def _one_thread() -> Iterator[None]:
 def adapt(base: nn.Module, method: str, cfg: MoSConfig) -> nn.Module:
     """``base`` with the method's adapter (``mos``, ``lora_r``, ``lora_e``), or ``base`` alone
     with gradients flowing back to its input embeddings (the frozen model's share of a step)."""
-    from ..model import wrap
+    from moslora.model import wrap
 
     if method == "base":
         base.requires_grad_(False)  # as under an adapter: no weight gradients, no optimizer
@@ -496,3 +486,15 @@ def speed_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {p['tokens']} | {p['median_seconds']['mos']:.3f} | {100 * share['base']:.1f} % "
                      f"| {100 * share['adapter']:.1f} % | {100 * share['assembly']:.2f} % |")
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a minutes-long smoke run (one small model)")
+    ap.add_argument("--results", type=Path, default=Path("results"), help="where the JSON and PNG go")
+    args = ap.parse_args()
+    run_speed(quick=args.quick, results_dir=args.results)
+
+
+if __name__ == "__main__":  # the memory probes' worker processes import this module again
+    main()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from moslora.bench import capacity
+from benchmarks import capacity
 
 LORA_PARAMS = 1000  # LoRA@1; LoRA@r has r times as many
 

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moslora.bench import quality, report
-from moslora.bench.runs import RunStore
+from benchmarks import RunStore, quality, report
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
 
 
@@ -105,7 +106,7 @@ def test_zero_shot_reference_trains_nothing(quick, tmp_path):
 
 WORKERS_THEN_WAIT = """
 import os, time
-from moslora.bench import quality
+from benchmarks import quality
 
 if __name__ == "__main__":  # spawned workers import this file too
     pool = quality.Runner(None, None, None, workers=2)._pool()
@@ -117,7 +118,9 @@ if __name__ == "__main__":  # spawned workers import this file too
 def test_workers_die_with_the_suite(tmp_path):
     script = tmp_path / "suite.py"
     script.write_text(WORKERS_THEN_WAIT)
-    suite = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # the checkout's root on the path, as pytest's pythonpath option puts it on ours
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    suite = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     workers = {int(pid) for pid in suite.stdout.readline().split()}
     assert workers and suite.pid not in workers
     suite.kill()  # SIGKILL: no chance to shut its pool down
@@ -200,7 +203,7 @@ def test_vera_matches_the_lora_count_and_runs_once_when_capped():
 
 def test_quick_capacity_track_end_to_end(tmp_path):
     """The capacity track's smoke run: every setting, memorization metrics, its report."""
-    from moslora.bench import capacity
+    from benchmarks import capacity
 
     result = quality.run_quality(quick=True, results_dir=tmp_path, tracks=["capacity"])
     track = result["tracks"]["capacity"]

@@ -3,9 +3,11 @@
 import json
 import math
 
-from moslora import MoSConfig
-from moslora.bench import speed
 import pytest
+
+from benchmarks import speed
+from moslora import MoSConfig
+from moslora.config import default_targets
 
 pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') skips this file
 
@@ -14,7 +16,7 @@ TINY = speed.Plan(
     models=(speed.ModelSpec("tiny", (64, 4, 128)),), shapes=((2, 16),), steps=2, warmup=0,
     memory_steps=2, sweep_model="tiny", sweep_seq=16, sweep_batches=(1, 4), sweep_steps=2,
     # 4 layers allow r <= 5 under subset selection at e = 2, p = 1
-    mos=MoSConfig(target_modules=list(speed.KINDS), rank=4, budget_rank=2, shards_per_vector=2,
+    mos=MoSConfig(target_modules=default_targets("llama"), rank=4, budget_rank=2, shards_per_vector=2,
                   private_rank=1))
 
 

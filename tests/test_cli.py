@@ -233,8 +233,6 @@ BAD_OPTIONS = [
     (["serve", "--adapters", "{tmp}", "--max-n", "0"], "--max-n"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "0"], "--request-timeout"),
     (["serve", "--adapters", "{tmp}", "--request-timeout", "nan"], "--request-timeout"),
-    (["bench", "quality", "--workers", "0"], "--workers"),
-    (["bench", "ablate", "--workers", "0"], "--workers"),
     # demo, selfcheck
     (["demo", "--steps", "0"], "--steps"),
     (["demo", "--test-examples", "0"], "--test-examples"),
@@ -248,12 +246,6 @@ def test_a_bad_option_is_a_usage_error_naming_it(args, option, paths, no_model_l
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     out = flat(result.output)
     assert f"Invalid value for '{option}'" in out or f"Invalid value for {option}" in out, out
-
-
-def test_a_bad_benchmark_track_lists_the_choices():
-    result = runner.invoke(app, ["bench", "quality", "--tracks", "encoder,gpt5"])
-    assert result.exit_code == 2
-    assert "choose from encoder, llm" in flat(result.output)
 
 
 def test_messages_say_the_allowed_range(paths, no_model_loading):

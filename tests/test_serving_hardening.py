@@ -14,7 +14,7 @@ from moslora import MoSConfig, get_mos_model
 from moslora.config import ConfigError
 from moslora.serving import MultiAdapterModel
 from moslora.serving import server as server_module
-from moslora.serving.loadtest import run_mixed, word_tokenizer
+from benchmarks.loadtest import run_mixed, word_tokenizer
 from moslora.serving.server import ApiKeys, Limits, create_app
 
 LIMITS = Limits(max_body_bytes=4096, max_prompt_chars=1000, max_prompt_tokens=50, max_tokens=32,

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moslora.serving import BASE, MultiAdapterModel
 from moslora.serving.decoding import RowDecoder, Sampling
-from moslora.serving.loadtest import threaded_server, word_tokenizer
+from benchmarks.loadtest import threaded_server, word_tokenizer
 from moslora.serving.server import ApiKeys, create_app
 
 TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"

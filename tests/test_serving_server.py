@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from moslora import MoSConfig, get_mos_model
 from moslora.serving import BASE, MultiAdapterModel
-from moslora.serving.loadtest import word_tokenizer
+from benchmarks.loadtest import word_tokenizer
 from moslora.serving.decoding import Sampling
 from moslora.serving.server import ApiKeys, Job, create_app
 

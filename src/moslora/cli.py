@@ -1,4 +1,7 @@
-"""The ``moslora`` command: train, eval, info, merge, export-peft/-gguf, serve, demo, selfcheck, bench."""
+"""The ``moslora`` command: train, eval, info, merge, export-peft/-gguf, serve, demo, selfcheck.
+
+The benchmarks are not part of it: they live in the checkout's ``benchmarks/`` (``make bench``).
+"""
 
 from __future__ import annotations
 
@@ -555,65 +558,6 @@ def selfcheck(steps: int = typer.Option(30, min=1, help="training steps on the t
     result = run_selfcheck(steps=steps)
     if any(result[k] > 1e-5 for k in ("merged_diff", "reload_diff", "peft_diff")):
         raise typer.Exit(code=1)
-
-
-bench_app = typer.Typer(help="Benchmarks: quality vs LoRA/VeRA/VB-LoRA, ablations, speed; writes results/.",
-                        no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
-_QUICK = typer.Option(False, "--quick", help="a minutes-long smoke run (few steps, one seed)")
-_RESULTS = typer.Option(Path("results"), help="where the JSON and PNG files go (finished runs are reused)")
-_WORKERS = typer.Option(None, min=1, help="runs trained side by side, each on cores/workers threads "
-                                          "[default: 2 on 2+ cores]")
-
-
-@bench_app.command("quality")
-def bench_quality(
-    quick: bool = _QUICK,
-    results: Path = _RESULTS,
-    tracks: str = typer.Option("encoder,llm,capacity", help="comma-separated: encoder, llm, capacity"),
-    workers: Optional[int] = _WORKERS,
-) -> None:
-    """MoS vs PEFT LoRA (ranks e..8e), VeRA and VB-LoRA at matched budgets, several seeds."""
-    from .bench import quality
-
-    quality.run_quality(quick=quick, results_dir=results,
-                        tracks=_names(tracks, quality.TRACKS, "--tracks"), workers=workers)
-
-
-@bench_app.command("ablate")
-def bench_ablate(quick: bool = _QUICK, results: Path = _RESULTS, workers: Optional[int] = _WORKERS) -> None:
-    """MoS with each differentiation strategy removed, and pure sharing, at one budget."""
-    from .bench import quality
-
-    quality.run_ablation(quick=quick, results_dir=results, workers=workers)
-
-
-@bench_app.command("speed")
-def bench_speed(quick: bool = _QUICK, results: Path = _RESULTS) -> None:
-    """Training step time and peak memory of MoS vs PEFT LoRA; where MoS time goes."""
-    from .bench import speed
-
-    speed.run_speed(quick=quick, results_dir=results)
-
-
-@bench_app.command("report")
-def bench_report(results: Path = _RESULTS,
-                 readme: Path = typer.Option(Path("README.md"), help="the README whose Results section "
-                                                                     "is rewritten")) -> None:
-    """Redraw the plots and the README's Results section from the JSON in --results."""
-    from .bench import report
-
-    report.write_report(results_dir=results, readme=readme)
-
-
-def _names(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(allowed))
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown {unknown or value!r}; choose from {', '.join(allowed)}",
-                                 param_hint=option)
-    return names
 
 
 def main() -> None:
