@@ -49,12 +49,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from moslora import MoSConfig, get_mos_model, memorization
 from moslora.config import default_targets
-from moslora.data import (Example, Task, answer_scores, answer_window, classification_metrics, collate,
-                    load_task, needs_base, tokenize_example)
+from moslora.data import load_task
 from moslora.layer import linear_shape
 from moslora.noise import peft_calls
+from moslora.scoring import answer_scores, classification_metrics
 from moslora.sizes import adapter_bytes
 from moslora.targeting import find_targets
+from moslora.tasks import Example, Task, needs_base
+from moslora.tokenizing import answer_window, collate, tokenize_example
 
 from . import RunStore, environment, read_json, write_json
 

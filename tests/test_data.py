@@ -17,10 +17,11 @@ from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from moslora.assets import default_model_path
-from moslora.data import (IGNORE_INDEX, TASKS, Example, answer_window, classification_accuracy,
-                          classification_metrics, collate, completion_logprobs, completion_loss,
-                          evaluate, format_example, load_task, perplexity, predict_labels,
-                          tokenize_example)
+from moslora.data import load_task
+from moslora.scoring import (classification_accuracy, classification_metrics, completion_logprobs,
+                             completion_loss, evaluate, perplexity, predict_labels)
+from moslora.tasks import TASKS, Example
+from moslora.tokenizing import IGNORE_INDEX, answer_window, collate, format_example, tokenize_example
 
 SIZES = {"sentiment": 10_000, "party": 400, "hamlet": 250, "chat": 1_200}  # least examples
 
@@ -236,7 +237,7 @@ def random_llama(tokenizer) -> LlamaForCausalLM:
                                         vocab_size=len(tokenizer), initializer_range=0.5)).eval()
 
 
-# scoring pads left whatever the tokenizer's padding_side says (data._forward_batches), so no
+# scoring pads left whatever the tokenizer's padding_side says (scoring._forward_batches), so no
 # test here varies it
 def test_accuracy_on_an_oracle_is_exact(tokenizer):
     examples, cue, words = reviews(tokenizer)

@@ -13,7 +13,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from moslora import memorization
 from moslora.assets import default_model_path
-from moslora.data import Example, answer_scores, evaluate, load_task
+from moslora.data import load_task
+from moslora.scoring import answer_scores, evaluate
+from moslora.tasks import Example
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,8 @@ def evaluate_cmd(
     seed: int = typer.Option(_default("seed"), min=0, max=MAX_SEED, help="split seed (as in training)"),
 ) -> None:
     """Evaluate a base model, with or without an adapter, on a task's test split."""
-    from .data import evaluate, load_task
+    from .data import load_task
+    from .scoring import evaluate
 
     net, tokenizer, base = _load_model(adapter, model)
     task_data = load_task(task, seed=seed)
@@ -238,7 +239,7 @@ def evaluate_cmd(
 
 def _task_path(task: str) -> Optional[str]:
     """A task file's absolute path (None for a built-in task)."""
-    from .data import MEMORIZATION_TASKS, TASKS
+    from .tasks import MEMORIZATION_TASKS, TASKS
 
     builtin = task in TASKS or task.partition(":")[0] in MEMORIZATION_TASKS
     return None if builtin else str(Path(task).resolve())
@@ -258,7 +259,8 @@ def generate(
     """Answer one prompt with a base model and, optionally, an adapter (greedy decoding)."""
     import torch
 
-    from .data import Example, format_example
+    from .tasks import Example
+    from .tokenizing import format_example
 
     net, tokenizer, _ = _load_model(adapter, model)
     text, _ = format_example(tokenizer, Example(prompt, ""), end_turn=False)

@@ -129,7 +129,9 @@ def run_finetune_demo(steps: int = TrainConfig.max_steps, test_examples: int = T
     The run is ``TrainConfig``'s default one (MoS on sentiment), with ``steps`` and a small
     validation set."""
     from .base import load_base
-    from .data import Task, evaluate, load_task
+    from .data import load_task
+    from .scoring import evaluate
+    from .tasks import Task
     from .train import train
 
     console = console or Console(width=None if sys.stdout.isatty() else 120)

@@ -1,7 +1,7 @@
 """Fine-tuning with the Hugging Face Trainer: MoS (or PEFT LoRA, same settings) on a task.
 
 ``train(TrainConfig(...))`` loads a base model (the embedded SmolLM2 by default, or any local
-HF folder or GGUF file), wraps it, trains on a task from ``moslora.data`` with AdamW, linear
+HF folder or GGUF file), wraps it, trains on a task (``moslora.data.load_task``) with AdamW, linear
 warm-up and decay, gradient accumulation and clipping, evaluates every ``eval_steps``, keeps
 the best checkpoint, and writes a run folder:
 
@@ -27,9 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from accelerate.utils import broadcast_object_list
 from transformers import (
-    AutoModelForCausalLM,
     PrinterCallback,
-    AutoTokenizer,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -41,13 +39,15 @@ from transformers.trainer_utils import sort_checkpoints
 from .atomic import (atomic_file, publish_directory, remove_directory, remove_stale_staging,
                      staging_directory)
 from .checkpoint import load_adapter_weights
-from .config import ConfigError, MoSConfig, solve_pools
-from .data import (Scorer, Task, answer_scores, collate, evaluate, load_task, needs_base,
-                   tokenize_example)
+from .config import ConfigError, solve_pools
 from .base import load_base, model_skeleton
+from .data import load_task
 from .model import MoSModel, wrap
+from .scoring import answer_scores, classification_metrics, evaluate
 from .sizes import adapter_bytes, trainable_parameters
 from .targeting import find_targets, group_kinds
+from .tasks import Scorer, Task, needs_base
+from .tokenizing import collate, tokenize_example
 # re-exported: moslora.train is where users import the run's config from
 from .train_config import (CHECKPOINT_PREFIX, RUN_OUTPUTS, TRAINER_STATE_NAME, Method, TrainConfig,
                            checkpoint_dir, last_checkpoint, resume_checkpoint)
@@ -93,7 +93,7 @@ def load_run_task(cfg: TrainConfig, scorer: Scorer | None = None) -> Task:
 
 
 class AdapterTrainer(Trainer):
-    """The HF Trainer, saving and restoring only the adapter, plus the task metric at eval.
+    """The HF Trainer, saving and restoring only the adapter, evaluating with the task metric.
 
     The stock Trainer saves a non-``PreTrainedModel`` as its full state dict (the frozen base
     included); an ``MoSModel`` saves its compact adapter instead and reloads it on resume and
@@ -104,12 +104,16 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.task_metric = task_metric
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        metrics = super().evaluate(*args, **kwargs)
-        if self.task_metric is not None:
-            extra = {f"eval_{k}": v for k, v in self.task_metric(self.model).items()}
-            metrics.update(extra)
-            self.log(extra)
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With a task metric, its one pass over the validation examples is the evaluation
+        (accuracy and loss, as the benchmark scores); HF's loop would run a second pass over
+        the same examples for the loss alone. Callbacks see the metrics as after HF's loop."""
+        if self.task_metric is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(self.model).items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -333,8 +337,8 @@ def train(cfg: TrainConfig, base: nn.Module | None = None, tokenizer: Any = None
         model.config.use_cache = False
 
     def task_metric(m: nn.Module) -> dict[str, float]:
-        limited = replace(task, train=[], validation=task.validation[:cfg.eval_examples], test=[])
-        return evaluate(m, tokenizer, limited, "validation", cfg.max_length, cfg.batch_size)
+        return classification_metrics(m, tokenizer, task.validation[:cfg.eval_examples], task.label_words,
+                                      cfg.max_length, cfg.batch_size)
 
     args = training_arguments(cfg, task)
     if cfg.overwrite:

@@ -17,7 +17,7 @@ from .assets import DEFAULT_MODEL_NAMES
 from .base import bf16_supported
 from .config import (MAX_SEED, ConfigError, MoSConfig, default_targets, require_bool, require_choice, require_float,
                      require_int)
-from .data import MEMORIZATION_TASKS, TASKS
+from .tasks import MEMORIZATION_TASKS, TASKS
 
 Method = Literal["mos", "lora"]
 MIN_LENGTH = 8  # max_length: room for a short prompt and its answer
