@@ -92,6 +92,22 @@ def load_run_task(cfg: TrainConfig, scorer: Scorer | None = None) -> Task:
 # ---------------------------------------------------------------------------- trainer
 
 
+# What AdapterTrainer still takes from transformers' private API, with the parameters it passes
+# or receives: the checkpoint writer it replaces (atomic checkpoints; no public hook decides
+# where a checkpoint is written), the three steps of it that it calls in HF's order, and the
+# two loaders it overrides so that resume and the best checkpoint read the compact adapter.
+# Saving goes through the public save_model. tests/test_transformers_api.py checks these
+# against the installed transformers; pyproject.toml bounds transformers to the tested minor.
+TRAINER_PRIVATE: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("model", "trial"),
+    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_save_scaler": ("output_dir",),
+    "_save_rng_state": ("output_dir",),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_best_model": (),
+}
+
+
 class AdapterTrainer(Trainer):
     """The HF Trainer, saving and restoring only the adapter, evaluating with the task metric.
 
@@ -116,13 +132,14 @@ class AdapterTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """An ``MoSModel`` writes its compact adapter (from the main process); others save as HF
+        saves them."""
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, MoSModel):
-            return super()._save(output_dir, state_dict)
+            return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
-            model.save_pretrained(output_dir)
+            model.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """HF's checkpoint, written to a staging directory and renamed into place when complete.
@@ -133,11 +150,14 @@ class AdapterTrainer(Trainer):
         every ``checkpoint-N`` complete or absent, and the next save removes the staging
         directories of killed ones. Hyperparameter-search trials and hub pushes, which
         ``train`` never uses, keep HF's own in-place write.
+
+        No public hook says where or how a checkpoint is written, so this one overrides a
+        private method and calls three more (``TRAINER_PRIVATE``).
         """
         if trial is not None or self.args.push_to_hub:
             return super()._save_checkpoint(model, trial)
         self.store_flos()
-        run_dir = Path(self._get_output_dir(trial=None))
+        run_dir = Path(self.args.output_dir)  # where HF puts checkpoints outside a search trial
         final = run_dir / f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
         staging = self._staging_for(final)
         self.save_model(str(staging), _internal_call=True)
@@ -183,7 +203,8 @@ class AdapterTrainer(Trainer):
             remove_directory(checkpoint)
 
     def _store_callback_states(self) -> None:
-        """Record stateful callbacks (early stopping, ...) in the state, as HF's save does."""
+        """Record stateful callbacks (early stopping, ...) in the state, as HF's save does (its
+        ``_save_checkpoint`` writes this inline: there is no method of it to call)."""
         for cb in self.callback_handler.callbacks + [self.control]:
             if not isinstance(cb, ExportableState):
                 continue
