@@ -79,7 +79,7 @@ def test_a_request_not_answered_in_time_is_504_and_dropped(root):
     client = TestClient(app)  # no context: the worker never runs, so nothing gets answered
     r = complete(client, max_tokens=2)
     assert r.status_code == 504 and "no answer within 0.3 s" in r.json()["error"]["message"]
-    job = app.state.batcher.queue.get_nowait()
+    job = app.state.scheduler.queue.get_nowait()
     assert job.future.cancelled()  # the worker will skip it, not generate for nobody
     assert client.get("/metrics.json").json()["timeouts"] == 1
 
@@ -90,7 +90,7 @@ def test_an_internal_error_is_a_generic_500_without_internals(root):
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail at /srv/internal/path.py line 7")
 
-    mm.generate = broken
+    mm.forward = broken
     with TestClient(app, raise_server_exceptions=False) as client:
         r = complete(client, max_tokens=2)
         assert r.status_code == 500

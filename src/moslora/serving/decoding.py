@@ -1,14 +1,14 @@
-"""Per-row decoding inside one HF ``generate`` call: each row its own sampling, stops and stream.
+"""Per-row decoding: in a served batch each row has its own sampling, stop strings and stream.
 
 A served batch mixes rows of different requests, and the ``n`` choices of one request are a
-row each. HF ``generate`` samples all rows from one global RNG with one temperature, so the
-batch runs greedy and two hooks hand every row to its own ``RowDecoder``:
+row each. At every step the scheduler (``scheduler``) hands each row's next-token scores to
+its ``RowDecoder`` (``take_tokens``):
 
-- ``_Pick`` (a logits processor): a sampling row draws its token with its own generator
-  (temperature, top-p) and every other token is masked, so greedy's argmax takes the draw; a
-  greedy row's logits pass unchanged;
-- ``_Feed`` (a stopping criterion): each row gets its new token, decodes its text, looks for
-  its stop strings, streams the text that is safe to show and says when it is done.
+- ``pick``: a sampling row draws its token with its own generator (temperature, top-p) and
+  every other token is masked, so the argmax takes the draw; a greedy row's scores pass
+  unchanged;
+- ``push``: the row gets its new token, decodes its text, looks for its stop strings, streams
+  the text that is safe to show and says when it is done.
 
 A row's draws depend only on its own seed and logits, so a seed gives the same text whatever
 else shares the batch (up to float rounding of the batched matmuls at a near tie).
@@ -21,9 +21,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-
-from .multi import MultiAdapterModel
 
 
 @dataclass(frozen=True)
@@ -115,33 +112,10 @@ class RowDecoder:
         return max(replacement, prefix)
 
 
-class _Pick(LogitsProcessor):
-    def __init__(self, rows: Sequence[RowDecoder]) -> None:
-        self.rows = rows
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        return torch.stack([row.pick(s) for row, s in zip(self.rows, scores)])
-
-
-class _Feed(StoppingCriteria):
-    def __init__(self, rows: Sequence[RowDecoder]) -> None:
-        self.rows = rows
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-            row.push(token)
-        return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
-
-
-def generate_rows(model: MultiAdapterModel, prompts: Sequence[list[int]], adapters: Sequence[str],
-                  rows: Sequence[RowDecoder], pad_id: int, eos_id: int | None) -> None:
-    """Run one mixed-adapter ``generate`` over left-padded ``prompts``, row ``i`` with adapter
-    ``adapters[i]``, decoded by ``rows[i]``; the batch ends when every row is done."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    model.generate(
-        ids, attention_mask=mask, adapter_names=list(adapters), do_sample=False,
-        max_new_tokens=max(row.sampling.max_tokens for row in rows), pad_token_id=pad_id, eos_token_id=eos_id,
-        logits_processor=LogitsProcessorList([_Pick(rows)]), stopping_criteria=StoppingCriteriaList([_Feed(rows)]),
-    )
+def take_tokens(rows: Sequence[RowDecoder], logits: Tensor) -> Tensor:
+    """``logits: (rows, vocab)``, each row's scores for its next token -> ``(rows,)`` the token
+    each row takes (its own draw, or the argmax for a greedy row), already pushed to it."""
+    tokens = torch.stack([row.pick(scores) for row, scores in zip(rows, logits.float())]).argmax(-1)
+    for row, token in zip(rows, tokens.tolist()):
+        row.push(token)
+    return tokens
