@@ -185,3 +185,15 @@ def test_a_sliding_window_base_is_refused_clearly():
             job.result(timeout=60)
     finally:
         scheduler.stop()
+
+
+def test_stopping_answers_the_requests_still_running(mm):
+    scheduler = running(Scheduler(mm, NoEos()))
+    steps = []
+    job = Job("a", [5, 6], Sampling(max_tokens=1000), on_text=lambda i, text: steps.append(text))
+    scheduler.submit(job)
+    while not steps:
+        time.sleep(0.001)
+    scheduler.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        job.future.result(timeout=1)
