@@ -90,7 +90,7 @@ def test_an_internal_error_is_a_generic_500_without_internals(root):
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail at /srv/internal/path.py line 7")
 
-    mm.forward = broken
+    mm.generate = broken
     with TestClient(app, raise_server_exceptions=False) as client:
         r = complete(client, max_tokens=2)
         assert r.status_code == 500

@@ -5,6 +5,7 @@ base whose KV cache cannot be merged row by row is refused clearly."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -135,24 +136,25 @@ def test_outputs_equal_each_request_alone_as_requests_join_and_leave(mm):
 
 def test_an_adapter_unloaded_mid_request_fails_only_its_rows(mm):
     scheduler = Scheduler(mm, NoEos(), max_batch=8, batch_window=0.2)
-    steps = []
+    steps, unloading = [], threading.Thread(target=mm.unload_adapter, args=("b",))
 
     def on_text(choice, text):
         steps.append(text)
-        if len(steps) == 3:  # on the worker thread, between two steps
-            mm.unload_adapter("b")
+        if len(steps) == 3:  # the unload waits for the model between two calls
+            unloading.start()
 
-    keeps = Job("a", [5, 6, 7], Sampling(max_tokens=8), on_text=on_text)
-    gone = Job("b", [8, 9], Sampling(max_tokens=8))
+    keeps = Job("a", [5, 6, 7], Sampling(max_tokens=100), on_text=on_text)
+    gone = Job("b", [8, 9], Sampling(max_tokens=100))
     for job in (keeps, gone):
         scheduler.submit(job)
     running(scheduler)
     try:
         with pytest.raises(UnknownAdapterError, match="'b'"):
             gone.future.result(timeout=60)
-        assert keeps.future.result(timeout=60)[0].tokens == 8
+        assert keeps.future.result(timeout=60)[0].tokens == 100
     finally:
         scheduler.stop()
+        unloading.join()
 
 
 def test_a_batch_joins_and_trims_its_cache_by_the_mask():

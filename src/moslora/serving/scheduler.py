@@ -30,6 +30,7 @@ flash kernels); on CPU the dynamic cache costs the same per step.
 from __future__ import annotations
 
 import functools
+import itertools
 import queue
 import threading
 import time
@@ -43,8 +44,14 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .decoding import RowDecoder, Sampling, take_tokens
+from .decoding import RowDecoder, Sampling, generate_rows
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
+
+STEPS_PER_CALL = 16
+"""Most decoding steps per ``generate`` call. Loading or unloading an adapter waits for the
+model between calls, so this bounds its wait; a call's fixed cost (routing every adapter
+layer) is then paid at most once per this many steps."""
+
 
 def servable(model: MultiAdapterModel) -> set[str]:
     """Every model name a request may ask for: the base and each adapter ``model`` serves."""
@@ -260,23 +267,27 @@ class Scheduler:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         try:
-            out = self.model(ids, attention_mask=mask, adapter_names=[row.task.job.model for row in rows],
-                             position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+            new, cache = self._generate(rows, ids, mask, pause=lambda: True)
         except UnknownAdapterError:  # an adapter went away since the check above: again without it
             if len(self._drop_unservable(tasks)) == len(tasks):
                 raise
             return self._prefill(tasks)
-        last = take_tokens([row.decoder for row in rows], out.logits[:, -1])
-        self.batch.join(rows, _dynamic(out.cache), mask, last)
+        self.batch.join(rows, _dynamic(cache), mask, new[:, -1])
         self._retire()
 
     def _decode(self) -> None:
-        """One step for every row: its newest token in, its next token out."""
+        """Decode every row, each from its newest token, until a row is done, a queued job could
+        join, or ``STEPS_PER_CALL`` steps."""
         batch = self.batch
-        mask = F.pad(batch.mask, (0, 1), value=1)  # the newest token's column
+        ids = F.pad(batch.last[:, None], (batch.mask.shape[1], 0), value=self.pad_id)  # the cache holds all but the last
+        mask = F.pad(batch.mask, (0, 1), value=1)
+        steps = itertools.count(1)
+
+        def pause() -> bool:
+            return next(steps) >= STEPS_PER_CALL or self._joinable()
+
         try:
-            out = self.model(batch.last[:, None], attention_mask=mask, adapter_names=batch.names(),
-                             position_ids=batch.mask.sum(1, keepdim=True), cache=batch.cache, use_cache=True)
+            new, _ = self._generate(batch.rows, ids, mask, cache=batch.cache, pause=pause)
         except UnknownAdapterError:  # an adapter was unloaded while its rows ran: they end, the rest go on
             tasks = batch.tasks()
             kept = {id(task) for task in self._drop_unservable(tasks)}
@@ -284,9 +295,20 @@ class Scheduler:
                 raise
             batch.keep([i for i, row in enumerate(batch.rows) if id(row.task) in kept])
             return
-        batch.mask = mask
-        batch.last = take_tokens([row.decoder for row in batch.rows], out.logits[:, -1])
+        batch.mask = F.pad(mask, (0, new.shape[1] - 1), value=1)  # the new tokens but the last are cached
+        batch.last = new[:, -1]
         self._retire()
+
+    def _generate(self, rows: list[Row], ids: Tensor, mask: Tensor, **kwargs: Any) -> tuple[Tensor, Any]:
+        return generate_rows(self.model, ids, mask, [row.task.job.model for row in rows],
+                             [row.decoder for row in rows], self.pad_id, self.tokenizer.eos_token_id, **kwargs)
+
+    def _joinable(self) -> bool:
+        """Whether a running call should pause: a queued job fits in the free rows, or ``stop``."""
+        free = self.max_batch - len(self.batch.rows)
+        if self._held is not None:
+            return self._held.n <= free or self._stop.is_set()
+        return (free > 0 and not self.queue.empty()) or self._stop.is_set()
 
     def _retire(self) -> None:
         """Answer the jobs whose rows are all done, and drop the finished rows."""
