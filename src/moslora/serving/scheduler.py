@@ -7,12 +7,20 @@ mask over its columns. Every iteration
 
 1. admits queued jobs into the free rows, first come first served, up to ``max_batch`` rows
    (an idle batch waits up to ``batch_window`` for company; a running one never waits);
-2. prefills the new rows together (left-padded, one mixed-adapter forward); each takes its
-   first token, and their cache joins the batch's: both are left-padded to a common length
-   and concatenated on the batch dim, the padding masked out;
-3. runs one decoding step over every row: its newest token, at its own position;
+2. prefills the new rows together (left-padded, one mixed-adapter call that stops after the
+   first token); their cache joins the batch's: both are left-padded to a common length and
+   concatenated on the batch dim, the padding masked out;
+3. decodes every row, each from its newest token at its own position, in one HF ``generate``
+   call continuing from the batch's cache (``decoding.generate_rows``); the call pauses as
+   soon as a row is done, a queued job fits in the free rows, or after ``STEPS_PER_CALL``
+   steps, so an arrival joins at the next step;
 4. answers the jobs whose rows are all done, drops their rows, and drops the leading cache
    columns that are padding for every row left.
+
+Decoding runs in ``generate`` calls rather than one forward per step because each call of
+``MultiAdapterModel`` sets every layer's per-row adapter factors once: per step, that setup
+cost a third of the time on the tiny test model. A batch that arrives at once now costs two
+calls (prefill, decode) where the window batcher this replaces made one.
 
 So a short request that arrives behind a long one waits for one step and a prefill, not for the
 long one, and a row's tokens are those it would get alone (up to float rounding of the batched
@@ -24,7 +32,10 @@ over a paged cache, and calls the model itself. ``MultiAdapterModel`` routes ada
 row, so that one row would get one adapter; its sampling is one setting for the whole manager,
 not a generator per row; and stop strings on decoded text, streaming per choice and dropping
 abandoned rows would all sit outside it. Its paged attention pays off on GPUs (CUDA graphs,
-flash kernels); on CPU the dynamic cache costs the same per step.
+flash kernels); on CPU the dynamic cache costs the same per step. What is used of transformers:
+``generate`` with its logits-processor and stopping-criterion hooks, and ``DynamicCache``
+(``batch_select_indices`` to drop rows; its layers' ``keys``/``values`` padded, concatenated
+and sliced to merge and trim).
 """
 
 from __future__ import annotations
