@@ -132,9 +132,6 @@ class Batch:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.last = torch.zeros(0, dtype=torch.long)
 
-    def names(self) -> list[str]:
-        return [row.task.job.model for row in self.rows]
-
     def tasks(self) -> list[Task]:
         return list({id(row.task): row.task for row in self.rows}.values())
 
@@ -298,7 +295,7 @@ class Scheduler:
             return next(steps) >= STEPS_PER_CALL or self._joinable()
 
         try:
-            new, _ = self._generate(batch.rows, ids, mask, cache=batch.cache, pause=pause)
+            new, batch.cache = self._generate(batch.rows, ids, mask, cache=batch.cache, pause=pause)
         except UnknownAdapterError:  # an adapter was unloaded while its rows ran: they end, the rest go on
             tasks = batch.tasks()
             kept = {id(task) for task in self._drop_unservable(tasks)}
