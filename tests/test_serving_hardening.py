@@ -79,7 +79,7 @@ def test_a_request_not_answered_in_time_is_504_and_dropped(root):
     client = TestClient(app)  # no context: the worker never runs, so nothing gets answered
     r = complete(client, max_tokens=2)
     assert r.status_code == 504 and "no answer within 0.3 s" in r.json()["error"]["message"]
-    job = app.state.batcher.queue.get_nowait()
+    job = app.state.scheduler.queue.get_nowait()
     assert job.future.cancelled()  # the worker will skip it, not generate for nobody
     assert client.get("/metrics.json").json()["timeouts"] == 1
 

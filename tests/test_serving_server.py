@@ -15,7 +15,8 @@ from moslora import MoSConfig, get_mos_model
 from moslora.serving import BASE, MultiAdapterModel
 from benchmarks.loadtest import word_tokenizer
 from moslora.serving.decoding import Sampling
-from moslora.serving.server import ApiKeys, Job, create_app
+from moslora.serving.scheduler import Job
+from moslora.serving.server import ApiKeys, create_app
 
 KEYS = {"*": "admin-key", "secret": "secret-key"}
 
@@ -125,11 +126,11 @@ def test_bad_body_is_400(served, body):
 def test_full_queue_is_503(root):
     _, app = serve(root, queue_size=1)
     client = TestClient(app)  # no context: the worker is not running, so the queue stays full
-    app.state.batcher.submit(Job("open", [5], Sampling(max_tokens=1)))
+    app.state.scheduler.submit(Job("open", [5], Sampling(max_tokens=1)))
     r = complete(client, "open")
     assert r.status_code == 503 and "queue is full" in message(r)
     with pytest.raises(queue.Full):
-        app.state.batcher.submit(Job("open", [5], Sampling(max_tokens=1)))
+        app.state.scheduler.submit(Job("open", [5], Sampling(max_tokens=1)))
 
 
 def test_adapters_load_and_unload_only_from_under_the_root(root):

@@ -1,14 +1,17 @@
-"""Per-row decoding inside one HF ``generate`` call: each row its own sampling, stops and stream.
+"""Per-row decoding: in a served batch each row has its own sampling, stop strings and stream.
 
 A served batch mixes rows of different requests, and the ``n`` choices of one request are a
-row each. HF ``generate`` samples all rows from one global RNG with one temperature, so the
-batch runs greedy and two hooks hand every row to its own ``RowDecoder``:
+row each. The scheduler (``scheduler``) runs the batch with HF ``generate`` calls
+(``generate_rows``), which sample all rows from one global RNG with one temperature, so each
+call runs greedy and two hooks hand every row to its own ``RowDecoder``:
 
 - ``_Pick`` (a logits processor): a sampling row draws its token with its own generator
   (temperature, top-p) and every other token is masked, so greedy's argmax takes the draw; a
   greedy row's logits pass unchanged;
 - ``_Feed`` (a stopping criterion): each row gets its new token, decodes its text, looks for
-  its stop strings, streams the text that is safe to show and says when it is done.
+  its stop strings, streams the text that is safe to show and says when it is done; the call
+  ends when a row is done (so the scheduler can drop it) or the scheduler wants to pause it
+  (to let new requests join).
 
 A row's draws depend only on its own seed and logits, so a seed gives the same text whatever
 else shares the batch (up to float rounding of the batched matmuls at a near tie).
@@ -21,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import Cache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .multi import MultiAdapterModel
 
@@ -124,24 +127,31 @@ class _Pick(LogitsProcessor):
 
 
 class _Feed(StoppingCriteria):
-    def __init__(self, rows: Sequence[RowDecoder]) -> None:
-        self.rows = rows
+    def __init__(self, rows: Sequence[RowDecoder], pause: Callable[[], bool]) -> None:
+        self.rows, self.pause = rows, pause
 
     def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
         for row, token in zip(self.rows, input_ids[:, -1].tolist()):
             row.push(token)
-        return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
+        stop = any(row.finish is not None for row in self.rows) or self.pause()
+        return torch.full((len(self.rows),), stop, device=input_ids.device)
 
 
-def generate_rows(model: MultiAdapterModel, prompts: Sequence[list[int]], adapters: Sequence[str],
-                  rows: Sequence[RowDecoder], pad_id: int, eos_id: int | None) -> None:
-    """Run one mixed-adapter ``generate`` over left-padded ``prompts``, row ``i`` with adapter
-    ``adapters[i]``, decoded by ``rows[i]``; the batch ends when every row is done."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    model.generate(
-        ids, attention_mask=mask, adapter_names=list(adapters), do_sample=False,
-        max_new_tokens=max(row.sampling.max_tokens for row in rows), pad_token_id=pad_id, eos_token_id=eos_id,
-        logits_processor=LogitsProcessorList([_Pick(rows)]), stopping_criteria=StoppingCriteriaList([_Feed(rows)]),
+def generate_rows(model: MultiAdapterModel, ids: Tensor, mask: Tensor, adapters: Sequence[str],
+                  rows: Sequence[RowDecoder], pad_id: int, eos_id: int | None, cache: Cache | None = None,
+                  pause: Callable[[], bool] = lambda: False) -> tuple[Tensor, Cache]:
+    """Generate for left-padded rows ``ids: (rows, T)`` (``mask: (rows, T)``, 1 = real token),
+    row ``i`` with adapter ``adapters[i]``, decoded by ``rows[i]``; with ``cache`` holding the
+    first ``T - 1`` columns already, only the last is run.
+
+    One HF ``generate`` call, until a row is done or, after any token, ``pause()`` says so.
+    Returns the ``(rows, k)`` new tokens and the cache, which holds every column but the last
+    new token's (the next call feeds it).
+    """
+    out = model.generate(
+        ids, attention_mask=mask, adapter_names=list(adapters), cache=cache, do_sample=False,
+        max_new_tokens=max(row.sampling.max_tokens - len(row.tokens) for row in rows), pad_token_id=pad_id,
+        eos_token_id=eos_id, logits_processor=LogitsProcessorList([_Pick(rows)]),
+        stopping_criteria=StoppingCriteriaList([_Feed(rows, pause)]), return_dict_in_generate=True,
     )
+    return out.sequences[:, ids.shape[1]:], out.cache

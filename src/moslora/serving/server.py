@@ -6,11 +6,13 @@ Every subdirectory of ``ADAPTER_ROOT`` that holds an MoS adapter is loaded at st
 directory name; more can be loaded later, from under the same root only. ``POST
 /v1/completions`` and ``POST /v1/chat/completions`` (the base tokenizer's chat template) take
 OpenAI's bodies, with ``model`` naming an adapter or ``__base__``; ``GET /v1/models[/{id}]``
-lists them. Requests from all clients go into one bounded queue; a single worker thread takes
-up to ``max_batch`` of them, waiting at most ``batch_window`` seconds for company, and answers
-them with one mixed-adapter ``generate`` call in which every choice of every request is a row
-with its own sampling, stop strings and stream (``decoding``). A full queue answers 503 at
-once, so a burst is refused, not left to time out.
+lists them. Requests from all clients go into one bounded queue; a single worker thread answers
+it by continuous batching (``scheduler``): a request joins the running mixed-adapter batch at
+the next decoding step, up to ``max_batch`` rows (an idle server waits ``batch_window`` seconds
+for company), and leaves it when it is done, so a short request never waits for a long one.
+Every choice of every request is a row with its own adapter, KV cache rows, sampling, stop
+strings and stream (``decoding``). A full queue answers 503 at once, so a burst is refused,
+not left to time out.
 
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 for anything wrong
 with a request (malformed JSON, a wrong type, an unknown or unsupported field, a limit), 401 for
@@ -30,17 +32,13 @@ Keys (optional): ``{"*": key}`` protects every model and the adapter endpoints,
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
-import itertools
 import json
 import logging
 import os
 import queue
-import threading
 import time
 import uuid
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +53,12 @@ from starlette.exceptions import HTTPException
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from ..config import require_float, require_int
-from .decoding import RowDecoder, Sampling, generate_rows
+from .decoding import Sampling
 from .metrics import UNKNOWN, ServerMetrics
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, StrictBody, choice, delta, load_json, sse, usage,
                          validate)
+from .scheduler import Choice, Job, Scheduler, servable
 
 KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
 log = logging.getLogger("moslora.serving")
@@ -148,109 +147,6 @@ class ApiKeys:
         return any(hmac.compare_digest(token.encode(), k.encode()) for k in wanted)
 
 
-# ---------------------------------------------------------------------------- batching
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One finished choice: its visible text, how many tokens it generated, and why it ended."""
-
-    text: str
-    tokens: int
-    finish: str
-
-
-@dataclass
-class Job:
-    """One request waiting in the queue, ``n`` rows; the worker answers it through ``future``
-    (one ``Choice`` per row) and, if ``on_text`` is set, streams ``(choice, new text)`` to it
-    from the worker thread while it generates."""
-
-    model: str
-    prompt_ids: list[int]
-    sampling: Sampling
-    n: int = 1
-    on_text: Callable[[int, str], None] | None = None
-    future: Future = field(default_factory=Future)
-    abandoned: threading.Event = field(default_factory=threading.Event)
-
-
-class Batcher:
-    """A bounded queue and the worker thread that answers it in mixed-adapter batches."""
-
-    def __init__(self, model: MultiAdapterModel, tokenizer: Any, max_batch: int = 16, batch_window: float = 0.005,
-                 queue_size: int = 256) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.max_batch, self.batch_window = max_batch, batch_window
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job: Job) -> Future:
-        """Queue ``job``; raises ``queue.Full`` when the queue is at capacity."""
-        self.queue.put_nowait(job)
-        return job.future
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="moslora-batcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                jobs = [self.queue.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            deadline = time.monotonic() + self.batch_window
-            while len(jobs) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    jobs.append(self.queue.get(timeout=left))
-                except queue.Empty:
-                    break
-            self._answer(jobs)
-
-    def _answer(self, jobs: list[Job]) -> None:
-        # a job whose client gave up (timeout) is dropped; the rest can no longer be cancelled
-        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-        loaded = set(self.model.adapters()) | {BASE}
-        for job in [j for j in jobs if j.model not in loaded]:  # unloaded while queued
-            job.future.set_exception(UnknownAdapterError(f"no adapter named {job.model!r} is loaded"))
-        jobs = [j for j in jobs if j.model in loaded]
-        if not jobs:
-            return
-        try:
-            results = self._generate(jobs)
-        except Exception as err:  # every waiting client must get an answer, whatever went wrong
-            for job in jobs:
-                job.future.set_exception(err)
-            return
-        for job, result in zip(jobs, results):
-            job.future.set_result(result)
-
-    def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
-        """One ``generate`` over every choice of every job, a row each; each job's choices.
-        Rows do not depend on each other, so each ends where it would alone."""
-        rows = [RowDecoder(job.sampling, i, self._decode, self.tokenizer.eos_token_id,
-                           None if job.on_text is None else functools.partial(job.on_text, i), job.abandoned.is_set)
-                for job in jobs for i in range(job.n)]
-        generate_rows(self.model, [j.prompt_ids for j in jobs for _ in range(j.n)],
-                      [j.model for j in jobs for _ in range(j.n)], rows, self.pad_id, self.tokenizer.eos_token_id)
-        rows_of = iter(rows)
-        # a row not done when generate returns ran into generate's own length limit
-        return [[Choice(r.text, len(r.tokens), r.finish or "length") for r in itertools.islice(rows_of, job.n)]
-                for job in jobs]
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
 # ---------------------------------------------------------------------------- app
 
 
@@ -271,19 +167,19 @@ def create_app(
     require_float("batch_window", batch_window, low=0.0)
     root = Path(adapter_root).resolve()
     keys = keys or ApiKeys()
-    batcher = Batcher(model, tokenizer, max_batch, batch_window, queue_size)
+    scheduler = Scheduler(model, tokenizer, max_batch, batch_window, queue_size)
     metrics = ServerMetrics()
     started = int(time.time())
     loaded_at: dict[str, int] = {}  # adapters loaded over HTTP; the rest came with the server
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        scheduler.start()
         yield
-        batcher.stop()
+        scheduler.stop()
 
     app = FastAPI(title="moslora", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.scheduler = scheduler
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     def count_failure(request: Request, status: int) -> None:
@@ -315,7 +211,7 @@ def create_app(
 
     def label(name: Any) -> str:
         """``name`` if it names a model, else ``UNKNOWN`` (metrics labels stay few)."""
-        return name if isinstance(name, str) and (name == BASE or name in model.adapters()) else UNKNOWN
+        return name if isinstance(name, str) and name in servable(model) else UNKNOWN
 
     def encode(req: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(req, CompletionRequest):
@@ -372,7 +268,7 @@ def create_app(
             job.on_text = lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text))
             job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
         try:
-            batcher.submit(job)
+            scheduler.submit(job)
         except queue.Full:
             raise ApiError(503, "server busy: the request queue is full, retry later", code="queue_full") from None
 
@@ -448,16 +344,16 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "adapters": len(model.adapters()), "queue_depth": batcher.queue.qsize()}
+        return {"status": "ok", "adapters": len(model.adapters()), "queue_depth": scheduler.queue.qsize()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        text = metrics.exposition(batcher.queue.qsize(), model.memory_report())
+        text = metrics.exposition(scheduler.queue.qsize(), model.memory_report())
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metrics.json")
     async def metrics_json() -> dict:
-        return {**metrics.summary(), "queue_depth": batcher.queue.qsize(), "adapters": model.adapters(),
+        return {**metrics.summary(), "queue_depth": scheduler.queue.qsize(), "adapters": model.adapters(),
                 "memory_bytes": model.memory_report()}
 
     return app
