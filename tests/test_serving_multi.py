@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moslora import CheckpointError, MoSConfig, MoSModel, get_mos_model
+from moslora.layer import add_to_weight
 from moslora.serving import BASE, FactorCache, MultiAdapterLinear, MultiAdapterModel, UnknownAdapterError
 
 # Different ranks, scalings (alpha / r not a power of two, so folding it into B rounds
@@ -124,23 +125,39 @@ def test_beams_keep_their_rows_adapter(served, saved, batch):
         assert torch.equal(out[i], ref[i])
 
 
-def test_one_adapter_batch_takes_the_plain_matmul_path(served, saved, alone, batch):
+def test_rows_reach_each_layer_grouped_by_adapter(served, saved, alone, batch):
     ids, mask = batch
     layer = served._layers["model.layers.0.self_attn.q_proj"]
     seen = []
-    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(module.route.a.dim()))
+    hook = layer.register_forward_pre_hook(
+        lambda module, args: seen.append([u.rows.index(args[0].shape[0]) for u in module.route]))
     try:
         logits = served(ids, attention_mask=mask, adapter_names=["a"] * 6).logits
         out = served.generate(ids[:2], attention_mask=mask[:2], adapter_names=["b", "b"], max_new_tokens=3,
                               num_beams=2, do_sample=False, pad_token_id=0)
-        served(ids[:2], attention_mask=mask[:2], adapter_names=["b", "a"])
+        served(ids[:3], attention_mask=mask[:3], adapter_names=["b", "a", "a"])
+        served(ids[:3], attention_mask=mask[:3], adapter_names=["a", "b", "a"])
     finally:
         hook.remove()
-    assert seen[0] == 2 and seen[-1] == 3, "one adapter: unbatched factors; mixed rows: per-row factors"
+    assert seen[0] == [None], "one adapter for every row: plain matmuls over all tokens"
+    assert seen[-2] == [slice(0, 1), slice(1, 3)], "contiguous rows: views, no gather"
+    assert [r.tolist() if isinstance(r, torch.Tensor) else r for r in seen[-1]] == [[0, 2], slice(1, 2)]
     assert (logits - alone["a"][0]).abs().max() <= 1e-5
     ref = MoSModel.from_pretrained(tiny_llama(), saved["b"]).generate(
         ids[:2], attention_mask=mask[:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_repeated_rows_keep_their_adapter(served, saved, batch):
+    # beams and extra sequences repeat each row in place: row i's k copies are rows i*k .. i*k+k-1
+    ids, mask = batch
+    gen = dict(max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    names = ["a", "c", "a"]
+    out = served.generate(ids[:3], attention_mask=mask[:3], adapter_names=names, **gen)
+    for name in ("a", "c"):
+        ref = MoSModel.from_pretrained(tiny_llama(), saved[name]).generate(ids[:3], attention_mask=mask[:3], **gen)
+        for i in (i for i, n in enumerate(names) if n == name):
+            assert torch.equal(out[2 * i:2 * i + 2], ref[2 * i:2 * i + 2]), name
 
 
 def test_cache_gives_the_same_logits_within_its_budget(saved, batch):
@@ -270,6 +287,29 @@ def test_merged_weights_refuse_mixed_batches(saved, alone, batch):
         assert (logits[i] - alone[name][0][i]).abs().max() <= 1e-5
     with pytest.raises(RuntimeError, match="no adapter is merged"):
         mm.unmerge()
+
+
+def test_merge_goes_through_the_layers_merge(saved, monkeypatch):
+    # one merge for MoSLinear and serving: layer.add_to_weight (which requantizes a 4-bit base
+    # and returns the storage error); the largest error is kept, as MoSLinear keeps its own
+    import moslora.serving.multi as multi
+
+    calls = []
+
+    def recording(module, delta):
+        calls.append((module, delta.shape))
+        return add_to_weight(module, delta) + 0.25 * len(calls)
+
+    monkeypatch.setattr(multi, "add_to_weight", recording)
+    mm = MultiAdapterModel(tiny_llama())
+    mm.load_adapter("b", saved["b"])
+    mm.merge("b")
+    wrapped = {name: layer.base_layer for name, layer in mm._layers.items()}
+    assert [m for m, _ in calls] == [wrapped[n] for n in mm._factors("b")]
+    assert all(shape == (m.out_features, m.in_features) for m, shape in calls)
+    assert mm.merge_error == 0.25 * len(calls)
+    mm.unmerge()
+    assert len(calls) == 2 * len(wrapped)
 
 
 def test_a_base_that_carries_an_mos_adapter_is_refused(saved):

@@ -2,20 +2,18 @@
 
 Each adapter stays in its compact form (pools, private segments, routing indices). A call
 
-1. assembles the factors of each adapter present in the batch (``ShardPools.factors``, one
-   gather per kind, or from the ``FactorCache``);
-2. gives every wrapped layer its per-row factors ``A: (rows, r_max, d_in)`` and
-   ``B: (rows, d_out, r_max)``: row ``i`` holds its adapter's factors for that layer,
-   zero-padded to the largest rank, or zeros (base rows; adapters that skip the layer); when
-   every row names the same adapter, that adapter's factors alone;
+1. groups its rows by adapter (``Rows``: a slice when an adapter's rows are contiguous, else
+   an index);
+2. assembles the factors ``A: (r, d_in)``, ``B: (d_out, r)`` of each adapter present
+   (``ShardPools.factors``, one gather per kind, or from the ``FactorCache``) and gives every
+   wrapped layer one ``Update`` per adapter that targets it;
 3. runs the base once. Each ``MultiAdapterLinear`` computes ``base(x)`` for the whole batch and
-   adds every row's ``scale · B (A x)`` into it with two batched matmuls (Punica's BGMV: each
-   row's factors, then ``bmm``), or two plain matmuls for a one-adapter batch, with no Python
-   loop over adapters.
+   adds each adapter's ``scale · B (A x)`` on that adapter's rows (Punica/S-LoRA's segmented
+   form, through ``layer.low_rank_update``): the factors are read once per adapter, never
+   copied per row. A batch whose rows all name one adapter is two plain matmuls over all
+   tokens; base rows are in no update, so they get the bare base exactly.
 
-Step 2 happens once per call, so ``generate`` pays it once, not at every new token; it holds
-``rows`` dense factor sets for the call's duration. Zero padding and zero rows are exact:
-they add products with 0.
+Steps 1-2 happen once per call, so ``generate`` pays them once, not at every new token.
 
 Routing indices are a deterministic function of (seed, config, kind), so adapters trained
 with the same seed carry identical ones: the registry keeps one copy of each distinct index
@@ -34,12 +32,11 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import read_adapter
 from ..config import MoSConfig
-from ..layer import MoSLinear, dense_weight, linear_shape, set_dense_weight
+from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
 from ..model import Kind, UnwrappedView, build_pools
 from .cache import FactorCache, Factors
 
@@ -94,88 +91,80 @@ def _digest(t: Tensor) -> str:
 # ---------------------------------------------------------------------------- layer
 
 
-class Route(NamedTuple):
-    """One layer's adapter factors for the rows of one call.
+class Rows:
+    """The rows of one call that one adapter serves, as each layer indexes them.
 
-    Mixed rows: ``a: (rows, r_max, d_in)``, ``b: (rows, d_out, r_max)`` (zero-padded to the
-    largest rank; zeros for rows without an update here) and ``scale: (rows, 1, 1)``. One
-    adapter for every row: ``a: (r, d_in)``, ``b: (d_out, r)`` and a float ``scale``.
+    Built once per call and shared by every layer (the grouping is the same in all of them).
+    HF ``generate`` repeats each row ``k`` times in place (``repeat_interleave``) for
+    ``num_beams`` / ``num_return_sequences``, so a layer may see ``k`` times the call's rows;
+    the copies keep their row's adapter.
+
+    Args:
+        rows: positions of this adapter's rows in the call's batch, ascending.
+        batch: rows in the call's batch.
+        device: where the layers' inputs live.
     """
+
+    def __init__(self, rows: list[int], batch: int, device: torch.device) -> None:
+        self.rows, self.batch, self.device = rows, batch, device
+        self._index: dict[int, Tensor | slice | None] = {}
+
+    def index(self, batch: int) -> Tensor | slice | None:
+        """These rows of a layer input of ``batch`` rows, as ``low_rank_update`` takes them:
+        ``None`` (all of them), a slice (contiguous) or a ``(k,)`` int64 index."""
+        if batch not in self._index:
+            if batch % self.batch:
+                raise RuntimeError(f"a layer got {batch} rows for {self.batch} adapter_names")
+            k = batch // self.batch
+            rows = [i * k + j for i in self.rows for j in range(k)]
+            if len(rows) == batch:
+                self._index[batch] = None
+            elif rows[-1] - rows[0] + 1 == len(rows):
+                self._index[batch] = slice(rows[0], rows[-1] + 1)
+            else:
+                self._index[batch] = torch.tensor(rows, device=self.device)
+        return self._index[batch]
+
+
+class Update(NamedTuple):
+    """One adapter's update in one layer for one call: ``a: (r, d_in)``, ``b: (d_out, r)``,
+    its scaling and the rows it applies to."""
 
     a: Tensor
     b: Tensor
-    scale: Tensor | float
+    scale: float
+    rows: Rows
 
 
 class MultiAdapterLinear(nn.Module):
     """A frozen linear layer plus, per batch row, the update of that row's adapter.
 
-    ``route`` is set by ``MultiAdapterModel`` for the duration of one call and is ``None``
-    otherwise (the layer is then exactly its base layer).
+    ``route`` is set by ``MultiAdapterModel`` for the duration of one call: one ``Update`` per
+    adapter of the call that targets this layer. It is ``None`` otherwise (the layer is then
+    exactly its base layer); base rows are in no update, so they get the base output exactly.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
-        self.route: Route | None = None
+        self.route: tuple[Update, ...] | None = None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``x: (rows, ..., d_in) -> (rows, ..., d_out)``: ``base(x) + scale · B (A x)`` per row."""
         y = self.base_layer(x, *args, **kwargs)
         if self.route is None:
             return y
-        a, b, scale = self.route
-        # the update is added into base(x)'s fresh output in place (a copy only if the base
-        # computes in another dtype): one pass over y instead of a delta tensor plus an add
-        if a.dim() == 2:  # one adapter for every row: one plain matmul over all tokens
-            out = y.reshape(-1, self.d_out).to(b.dtype)
-            h = (x.reshape(-1, self.d_in).to(a.dtype) @ a.T).mul_(scale)  # (tokens, r)
-            out.addmm_(h, b.T)
-        else:  # Punica's BGMV: each row its own factors, batched; the transposes are free views
-            rows = x.shape[0]
-            a, b, scale = (_expand(t, rows) for t in (a, b, scale))
-            out = y.reshape(rows, -1, self.d_out).to(b.dtype)
-            h = torch.bmm(x.reshape(rows, -1, self.d_in).to(a.dtype), a.transpose(1, 2)).mul_(scale)
-            out.baddbmm_(h, b.transpose(1, 2))
-        return out.view(y.shape).to(y.dtype)
+        # each adapter's compact factors on its rows' slice (Punica/S-LoRA's segmented form),
+        # added into base(x)'s fresh output in place (a copy only if the base computes in
+        # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
+        out = y.to(self.route[0].b.dtype)
+        for a, b, scale, rows in self.route:
+            low_rank_update(x, a, b, scale, out=out, rows=rows.index(x.shape[0]))
+        return out.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}"
-
-
-def _expand(per_row: Tensor, rows: int) -> Tensor:
-    """Per-row values for ``rows`` rows. HF generate repeats each row ``k`` times in place
-    (``repeat_interleave``) for ``num_beams`` / ``num_return_sequences``; copies keep the
-    row's adapter."""
-    if rows == per_row.shape[0]:
-        return per_row
-    if rows % per_row.shape[0]:
-        raise RuntimeError(f"a layer got {rows} rows for {per_row.shape[0]} adapter_names")
-    return per_row.repeat_interleave(rows // per_row.shape[0], dim=0)
-
-
-def _route(factors: list[tuple[Tensor, Tensor] | None], scales: list[float]) -> Route | None:
-    """One layer's route from each row's ``(A: (r, d_in), B: (d_out, r))`` (``None``: base row,
-    or its adapter skips the layer) and adapter scaling; ``None`` if no row has an update here."""
-    present = [f for f in factors if f is not None]
-    if not present:
-        return None
-    first = present[0]
-    if all(f is first for f in factors):  # every row, one adapter: no per-row copies at all
-        return Route(*first, scales[0])
-    rank = max(a.shape[0] for a, _ in present)
-    zero = (first[0].new_zeros(rank, first[0].shape[1]), first[1].new_zeros(first[1].shape[0], rank))
-
-    def padded(pair: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        if pair is None:
-            return zero
-        missing = rank - pair[0].shape[0]
-        return (F.pad(pair[0], (0, 0, 0, missing)), F.pad(pair[1], (0, missing))) if missing else pair
-
-    pairs = [padded(pair) for pair in factors]
-    scale = torch.tensor(scales, dtype=first[0].dtype, device=first[0].device).view(-1, 1, 1)
-    return Route(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), scale)
 
 
 # ---------------------------------------------------------------------------- model
@@ -211,6 +200,7 @@ class MultiAdapterModel(nn.Module):
         self.adapter_pools = nn.ModuleDict()  # name -> ModuleDict(kind key -> ShardPools)
         self.cache = FactorCache(cache_bytes)
         self.merged: str | None = None
+        self.merge_error = 0.0  # largest storage error of the last merge/unmerge (4-bit: requantized)
         self._indices = _IndexStore()
         self._info: dict[str, _AdapterInfo] = {}
         self._layers: dict[str, MultiAdapterLinear] = {}
@@ -373,11 +363,15 @@ class MultiAdapterModel(nn.Module):
                 )
             yield
             return
-        factors = {name: self._factors(name) for name in dict.fromkeys(n for n in names if n is not None)}
-        scales = [0.0 if n is None else self._info[n].config.scaling for n in names]
+        device = next(self.base_model.parameters()).device
+        groups = {name: Rows([i for i, n in enumerate(names) if n == name], len(names), device)
+                  for name in dict.fromkeys(n for n in names if n is not None)}
+        factors = {name: self._factors(name) for name in groups}
         try:
             for module_name, layer in self._layers.items():
-                layer.route = _route([None if n is None else factors[n].get(module_name) for n in names], scales)
+                route = tuple(Update(*factors[name][module_name], self._info[name].config.scaling, rows)
+                              for name, rows in groups.items() if module_name in factors[name])
+                layer.route = route or None
             yield
         finally:
             for layer in self._layers.values():
@@ -401,12 +395,13 @@ class MultiAdapterModel(nn.Module):
         return names
 
     def _add_to_base(self, name: str, sign: float) -> None:
+        """``W += sign · (alpha/r) B A`` in every layer of adapter ``name``, through the layer's
+        own merge (``layer.add_to_weight``): a 4-bit base is requantized, and the largest
+        storage error this costs is kept in ``merge_error``."""
         scaling = self._info[name].config.scaling
-        for module_name, (a, b) in self._factors(name).items():
-            layer = self._layers[module_name].base_layer
-            weight = dense_weight(layer)
-            delta = scaling * (b @ a)  # (d_out, d_in)
-            set_dense_weight(layer, (weight.float() + sign * delta.float()).to(weight.dtype))
+        errors = [add_to_weight(self._layers[module_name].base_layer, sign * dense_update(a, b, scaling))
+                  for module_name, (a, b) in self._factors(name).items()]
+        self.merge_error = max(errors, default=0.0)
 
     def _wrap(self, module_name: str) -> None:
         owner, child = _owner(self.base_model, module_name)
