@@ -23,9 +23,10 @@ tensor (``_IndexStore``), and ``memory_report`` counts it once.
 from __future__ import annotations
 
 import hashlib
-import re
+import logging
 import threading
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +35,30 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import read_adapter
+from ..checkpoint import CheckpointError, read_adapter
 from ..config import MoSConfig
 from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
 from ..model import Kind, UnwrappedView, build_pools
 from .cache import FactorCache, Factors
+from .root import NAME, AdapterRoot
 
 BASE = "__base__"
 """The name that selects the bare base model for a row (``None`` does too)."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+log = logging.getLogger("moslora.serving")
 
 
 class UnknownAdapterError(LookupError):
-    """A batch or a call names an adapter that is not loaded."""
+    """A batch or a call names an adapter that is neither loaded nor servable from the root."""
+
+
+@dataclass
+class ResidencyStats:
+    """What the registry did to keep adapters resident within the byte budget."""
+
+    loads: int = 0  # adapters loaded from the root on first use
+    evictions: int = 0  # least recently used adapters unloaded to make room
+    over_budget: int = 0  # calls whose own adapters alone exceeded the budget (served anyway)
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,14 @@ class MultiAdapterModel(nn.Module):
             the linear layers the adapters target). It is frozen, and its targeted linear
             layers are wrapped in ``MultiAdapterLinear`` while an adapter targets them.
         cache_bytes: budget of the ``FactorCache`` of materialized factors (0 = off).
+        adapter_root: a directory of adapters, one per subdirectory named after it
+            (``AdapterRoot``): each is servable by name and loaded on the first call that
+            names it. ``None``: only adapters loaded with ``load_adapter``.
+        max_resident_bytes: budget of the adapters loaded from the root (``memory_report``'s
+            ``adapters_total``): past it, the least recently used ones are unloaded, never one
+            the current call uses (a call that alone needs more is served, logged and counted
+            in ``stats.over_budget``). ``None``: no limit. Adapters loaded with
+            ``load_adapter`` count towards it but are never evicted.
 
     Loaded adapters are read-only: their factors may be cached, their routing indices may be
     shared with other adapters, and each call reads them.
@@ -187,9 +206,13 @@ class MultiAdapterModel(nn.Module):
         mm = MultiAdapterModel(base)
         mm.load_adapter("a", "adapters/a"); mm.load_adapter("b", "adapters/b")
         logits = mm(input_ids, adapter_names=["a", "b", None]).logits
+
+        mm = MultiAdapterModel(base, adapter_root="adapters", max_resident_bytes=2**30)
+        mm.available()  # ["a", "b", ...]: every adapter on disk, loaded when first used
     """
 
-    def __init__(self, base_model: nn.Module, cache_bytes: int = 0) -> None:
+    def __init__(self, base_model: nn.Module, cache_bytes: int = 0, adapter_root: str | Path | None = None,
+                 max_resident_bytes: int | None = None) -> None:
         super().__init__()
         if any(isinstance(m, MoSLinear) for m in base_model.modules()):
             raise ValueError(
@@ -204,23 +227,37 @@ class MultiAdapterModel(nn.Module):
         self._indices = _IndexStore()
         self._info: dict[str, _AdapterInfo] = {}
         self._layers: dict[str, MultiAdapterLinear] = {}
+        if max_resident_bytes is not None and max_resident_bytes < 0:
+            raise ValueError(f"max_resident_bytes must be >= 0, got {max_resident_bytes}")
+        self.root = None if adapter_root is None else AdapterRoot(adapter_root)
+        self.max_resident_bytes = max_resident_bytes
+        self.stats = ResidencyStats()
+        self._from_root: OrderedDict[str, None] = OrderedDict()  # loaded on use, least recently used first
         # one call at a time: a call sets per-row routes on shared layers (and load, unload and
         # merge rewrite them), so concurrent callers, e.g. server threads, must take turns
         self._lock = threading.Lock()
 
     # ---- registry
     def adapters(self) -> list[str]:
-        """Names of the loaded adapters, in load order."""
+        """Names of the resident adapters, in load order."""
         return list(self._info)
 
+    def available(self) -> list[str]:
+        """Every adapter a call may name, sorted: the resident ones and those on disk under the
+        root (not yet loaded, or evicted). One removed from the root is no longer listed (and
+        is unloaded at the next call)."""
+        on_disk = self.root.names() if self.root is not None else frozenset()
+        return sorted(on_disk | {n for n in self._info if n not in self._from_root})
+
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Validate the MoS adapter at ``path`` against the base and keep it resident as pools.
+        """Validate the MoS adapter at ``path`` against the base and keep it resident as pools
+        until ``unload_adapter`` (it is never evicted).
 
         Raises ``ValueError`` for a bad or duplicate name, ``FileNotFoundError`` and
         ``CheckpointError`` (e.g. saved for a different base) for bad files; the model is
         unchanged on any error.
         """
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(
                 f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit"
@@ -228,51 +265,30 @@ class MultiAdapterModel(nn.Module):
         with self._lock:
             if name in self._info:
                 raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-            config, kinds, state = self._read(Path(path))
-            pools = nn.ModuleDict({k.key: build_pools(config, k) for k in kinds})
-            pools.load_state_dict(state, strict=True)
-            device = next(self.base_model.parameters()).device
-            pools = pools.requires_grad_(False).to(device)
-            for kind_pools in pools.values():
-                for buffer in ("index_A", "index_B"):
-                    setattr(kind_pools, buffer, self._indices.intern(getattr(kind_pools, buffer)))
-            self.adapter_pools[name] = pools
-            self._info[name] = _AdapterInfo(config, tuple(kinds))
-            for module_name in (n for k in kinds for n in k.layers):
-                if module_name not in self._layers:
-                    self._wrap(module_name)
+            self._load(name, Path(path))
 
     def unload_adapter(self, name: str) -> None:
-        """Drop adapter ``name``: its pools, cached factors, and the wrappers no adapter needs."""
+        """Drop adapter ``name``: its pools, cached factors, and the wrappers no adapter needs.
+        One on disk under the root stays available (and is loaded again when next named)."""
         with self._lock:
             self._require(name)
             if self.merged == name:
                 raise RuntimeError(f"adapter {name!r} is merged into the base: unmerge() first")
-            del self.adapter_pools[name], self._info[name]
-            self.cache.drop(name)
-            needed = {n for info in self._info.values() for k in info.kinds for n in k.layers}
-            for module_name in [n for n in self._layers if n not in needed]:
-                self._unwrap(module_name)
+            self._unload(name)
 
     def memory_report(self) -> dict[str, Any]:
         """Resident bytes, each tensor counted once: ``base``; ``adapters``, per name, what that
         adapter alone holds (compact form); ``shared``, tensors held by several adapters (routing
         indices of same-seed adapters); ``adapters_total`` = their sum; ``cache``
-        (materialized factors); ``total``."""
-        users: dict[int, set[str]] = {}
-        size: dict[int, int] = {}
-        for name in self._info:
-            for t in _tensors(self.adapter_pools[name]):
-                users.setdefault(id(t), set()).add(name)
-                size[id(t)] = t.numel() * t.element_size()
-        adapters = {name: sum(size[i] for i, u in users.items() if u == {name}) for name in self._info}
-        shared = sum(size[i] for i, u in users.items() if len(u) > 1)
+        (materialized factors); ``total``; and ``budget``, ``max_resident_bytes``."""
+        adapters, shared = self._adapter_bytes()
         report = {
             "base": sum(t.numel() * t.element_size() for t in _tensors(self.base_model)),
             "adapters": adapters,
             "shared": shared,
             "adapters_total": sum(adapters.values()) + shared,
             "cache": self.cache.bytes,
+            "budget": self.max_resident_bytes,
         }
         report["total"] = report["base"] + report["adapters_total"] + report["cache"]
         return report
@@ -333,9 +349,87 @@ class MultiAdapterModel(nn.Module):
         if name not in self._info:
             raise UnknownAdapterError(f"no adapter named {name!r} is loaded; loaded: {self.adapters()}")
 
-    def _read(self, path: Path) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
-        """``checkpoint.read_adapter`` against the base as it was before we wrapped it."""
-        return read_adapter(self.base_model, path, view=UnwrappedView(self.base_model, MultiAdapterLinear))
+    def _load(self, name: str, path: Path) -> None:
+        """Read and validate the adapter at ``path`` and make it resident as ``name``."""
+        config, kinds, state = read_adapter(self.base_model, path,
+                                            view=UnwrappedView(self.base_model, MultiAdapterLinear))
+        pools = nn.ModuleDict({k.key: build_pools(config, k) for k in kinds})
+        pools.load_state_dict(state, strict=True)
+        device = next(self.base_model.parameters()).device
+        pools = pools.requires_grad_(False).to(device)
+        for kind_pools in pools.values():
+            for buffer in ("index_A", "index_B"):
+                setattr(kind_pools, buffer, self._indices.intern(getattr(kind_pools, buffer)))
+        self.adapter_pools[name] = pools
+        self._info[name] = _AdapterInfo(config, tuple(kinds))
+        for module_name in (n for k in kinds for n in k.layers):
+            if module_name not in self._layers:
+                self._wrap(module_name)
+
+    def _unload(self, name: str) -> None:
+        del self.adapter_pools[name], self._info[name]
+        self._from_root.pop(name, None)
+        self.cache.drop(name)
+        needed = {n for info in self._info.values() for k in info.kinds for n in k.layers}
+        for module_name in [n for n in self._layers if n not in needed]:
+            self._unwrap(module_name)
+
+    def _adapter_bytes(self) -> tuple[dict[str, int], int]:
+        """The one byte counter of resident adapters, each tensor once: per name, the bytes of
+        the tensors that adapter alone holds (pools, private segments, routing indices), and
+        the bytes of the tensors several hold (same-seed routing indices)."""
+        users: dict[int, set[str]] = {}
+        size: dict[int, int] = {}
+        for name in self._info:
+            for t in _tensors(self.adapter_pools[name]):
+                users.setdefault(id(t), set()).add(name)
+                size[id(t)] = t.numel() * t.element_size()
+        alone = {name: sum(size[i] for i, u in users.items() if u == {name}) for name in self._info}
+        return alone, sum(size[i] for i, u in users.items() if len(u) > 1)
+
+    def _make_resident(self, needed: list[str]) -> None:
+        """Load the adapters of a call that are on disk but not resident, each followed by
+        evictions down to the budget (never one of ``needed``); mark them as just used."""
+        on_disk = self.root.names()
+        for name in [n for n in self._from_root if n not in on_disk and n != self.merged]:
+            self._unload(name)  # its directory was removed: no longer servable
+        unknown = [n for n in needed if n not in self._info and n not in on_disk]
+        if unknown:
+            raise UnknownAdapterError(
+                f"unknown adapter(s) {unknown} in adapter_names: neither loaded nor under the adapter root "
+                f"{self.root.path} (None or {BASE!r} selects the base model)"
+            )
+        for name in needed:
+            if name not in self._info:
+                try:
+                    self._load(name, self.root.inside(name))
+                except (CheckpointError, FileNotFoundError) as err:
+                    self.root.mark_broken(name)
+                    raise UnknownAdapterError(f"adapter {name!r} under the adapter root cannot be served: {err}") from err
+                self.stats.loads += 1
+                self._from_root[name] = None
+                self._evict(keep=set(needed))
+            if name in self._from_root:
+                self._from_root.move_to_end(name)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Unload least recently used adapters from the root until the resident ones fit
+        ``max_resident_bytes``; never one in ``keep`` (the current call's) or the merged one."""
+        if self.max_resident_bytes is None:
+            return
+        def resident() -> int:
+            alone, shared = self._adapter_bytes()
+            return sum(alone.values()) + shared
+
+        for name in [n for n in self._from_root if n not in keep and n != self.merged]:
+            if resident() <= self.max_resident_bytes:
+                return
+            self._unload(name)
+            self.stats.evictions += 1
+        if resident() > self.max_resident_bytes:
+            self.stats.over_budget += 1
+            log.warning("resident adapters take %d bytes, over the budget of %d: this call's %d adapter(s) "
+                        "alone need more; served anyway", resident(), self.max_resident_bytes, len(keep))
 
     def _factors(self, name: str) -> Factors:
         """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled."""
@@ -386,8 +480,9 @@ class MultiAdapterModel(nn.Module):
         names = [None if n == BASE else n for n in adapter_names]
         if len(names) != rows:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows")
-        unknown = sorted({n for n in names if n is not None and n not in self._info}, key=str)
-        if unknown:
+        if self.root is not None:
+            self._make_resident([n for n in dict.fromkeys(names) if n is not None])
+        elif unknown := sorted({n for n in names if n is not None and n not in self._info}, key=str):
             raise UnknownAdapterError(
                 f"unknown adapter(s) {unknown} in adapter_names; loaded: {self.adapters()} "
                 f"(None or {BASE!r} selects the base model)"
