@@ -131,7 +131,7 @@ def test_rows_reach_each_layer_grouped_by_adapter(served, saved, alone, batch):
     layer = served._layers["model.layers.0.self_attn.q_proj"]
     seen = []
     hook = layer.register_forward_pre_hook(
-        lambda module, args: seen.append([u.rows.index(args[0].shape[0]) for u in module.route]))
+        lambda module, args: seen.append([u.rows.index(args[0].shape[0]) for u in module.route.updates]))
     try:
         logits = served(ids, attention_mask=mask, adapter_names=["a"] * 6).logits
         out = served.generate(ids[:2], attention_mask=mask[:2], adapter_names=["b", "b"], max_new_tokens=3,

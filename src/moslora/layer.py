@@ -92,7 +92,7 @@ def low_rank_update(
     x: Tensor,
     a: Tensor,
     b: Tensor,
-    scaling: float,
+    scaling: float | Tensor,
     dropout: nn.Module | None = None,
     *,
     out: Tensor | None = None,
@@ -107,17 +107,23 @@ def low_rank_update(
     ``out: (batch, ..., d_out)`` (in the factors' dtype) gets ``out[rows] += update(x[rows])``
     and is returned. ``rows`` are the batch rows this adapter serves: ``None`` every row, a
     slice for contiguous rows (views: nothing is copied) or a ``(k,)`` int64 index (those rows
-    are gathered, and their updates added back in one scatter).
+    are gathered, and their updates added back in one scatter). ``G`` adapters at once:
+    ``a: (G, r, d_in)``, ``b: (G, d_out, r)``, ``rows: (G·m,)`` (``m`` rows each) and a
+    per-row ``scaling: (G·m, 1, ...)`` (0 for padding rows).
     """
     target = out
     if isinstance(rows, slice):
         x, target, rows = x[rows], None if out is None else out[rows], None
     if rows is not None:
         x = x.index_select(0, rows)
-    h = x if dropout is None else dropout(x)
-    update = F.linear(F.linear(h.to(a.dtype), a), b)
+    h = (x if dropout is None else dropout(x)).to(a.dtype)
+    if a.dim() == 3:  # G adapters: group g's rows are rows g·m .. g·m + m - 1
+        h = h.reshape(a.shape[0], -1, h.shape[-1])
+    update = ((h @ a.mT) @ b.mT).reshape(*x.shape[:-1], b.shape[-2])
     if target is None:
         return update * scaling
+    if isinstance(scaling, Tensor):
+        update, scaling = update.mul_(scaling), 1.0
     if rows is None:
         target.add_(update, alpha=scaling)
     else:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, read_adapter
@@ -147,19 +148,60 @@ class Update(NamedTuple):
     rows: Rows
 
 
+class Route:
+    """One layer's updates for one call, one per adapter of the call that targets the layer.
+
+    A decoding step has one token per row, so one adapter's share is a few matrix-vector
+    products and the cost is the number of operations, not their size: ``stacked`` gives the
+    updates as one batched product instead (every adapter's factors stacked once per call,
+    each adapter's rows padded to the most any adapter has, padding rows scaled by 0).
+    """
+
+    def __init__(self, updates: tuple[Update, ...]) -> None:
+        self.updates = updates
+        self._stacked: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def stacked(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For a layer input of ``batch`` rows: ``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)``
+        (zero-padded ranks: exact), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
+        if batch not in self._stacked:
+            if self._factors is None:
+                rank = max(u.a.shape[0] for u in self.updates)
+                self._factors = (torch.stack([F.pad(u.a, (0, 0, 0, rank - u.a.shape[0])) for u in self.updates]),
+                                 torch.stack([F.pad(u.b, (0, rank - u.b.shape[1])) for u in self.updates]))
+            per_update = [_positions(u.rows.index(batch), batch) for u in self.updates]
+            m = max(len(p) for p in per_update)
+            rows = [p + [0] * (m - len(p)) for p in per_update]
+            scale = [[u.scale] * len(p) + [0.0] * (m - len(p)) for u, p in zip(self.updates, per_update)]
+            a = self._factors[0]
+            self._stacked[batch] = (*self._factors, torch.tensor(scale, dtype=a.dtype, device=a.device).view(-1, 1, 1),
+                                    torch.tensor(rows, device=a.device).view(-1))
+        return self._stacked[batch]
+
+
+def _positions(index: Tensor | slice | None, batch: int) -> list[int]:
+    """``Rows.index`` as a list of row positions."""
+    if index is None:
+        return list(range(batch))
+    if isinstance(index, slice):
+        return list(range(index.start, index.stop))
+    return index.tolist()
+
+
 class MultiAdapterLinear(nn.Module):
     """A frozen linear layer plus, per batch row, the update of that row's adapter.
 
-    ``route`` is set by ``MultiAdapterModel`` for the duration of one call: one ``Update`` per
-    adapter of the call that targets this layer. It is ``None`` otherwise (the layer is then
-    exactly its base layer); base rows are in no update, so they get the base output exactly.
+    ``route`` is set by ``MultiAdapterModel`` for the duration of one call, and is ``None``
+    otherwise (the layer is then exactly its base layer); base rows are in no update, so they
+    get the base output exactly.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
-        self.route: tuple[Update, ...] | None = None
+        self.route: Route | None = None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``x: (rows, ..., d_in) -> (rows, ..., d_out)``: ``base(x) + scale · B (A x)`` per row."""
@@ -169,9 +211,14 @@ class MultiAdapterLinear(nn.Module):
         # each adapter's compact factors on its rows' slice (Punica/S-LoRA's segmented form),
         # added into base(x)'s fresh output in place (a copy only if the base computes in
         # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
-        out = y.to(self.route[0].b.dtype)
-        for a, b, scale, rows in self.route:
-            low_rank_update(x, a, b, scale, out=out, rows=rows.index(x.shape[0]))
+        updates = self.route.updates
+        out = y.to(updates[0].b.dtype)
+        if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product
+            a, b, scale, rows = self.route.stacked(x.shape[0])
+            low_rank_update(x, a, b, scale, out=out, rows=rows)
+        else:
+            for a, b, scale, rows in updates:
+                low_rank_update(x, a, b, scale, out=out, rows=rows.index(x.shape[0]))
         return out.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -463,9 +510,9 @@ class MultiAdapterModel(nn.Module):
         factors = {name: self._factors(name) for name in groups}
         try:
             for module_name, layer in self._layers.items():
-                route = tuple(Update(*factors[name][module_name], self._info[name].config.scaling, rows)
-                              for name, rows in groups.items() if module_name in factors[name])
-                layer.route = route or None
+                updates = tuple(Update(*factors[name][module_name], self._info[name].config.scaling, rows)
+                                for name, rows in groups.items() if module_name in factors[name])
+                layer.route = Route(updates) if updates else None
             yield
         finally:
             for layer in self._layers.values():
