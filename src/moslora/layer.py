@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 

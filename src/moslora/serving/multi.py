@@ -294,7 +294,8 @@ class MultiAdapterModel(nn.Module):
         root (not yet loaded, or evicted). One removed from the root is no longer listed (and
         is unloaded at the next call)."""
         on_disk = self.root.names() if self.root is not None else frozenset()
-        return sorted(on_disk | {n for n in self._info if n not in self._from_root})
+        resident = list(self._info)  # one C-level copy: safe while a call loads or evicts (no lock)
+        return sorted(on_disk | {n for n in resident if n not in self._from_root})
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Validate the MoS adapter at ``path`` against the base and keep it resident as pools
