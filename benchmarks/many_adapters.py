@@ -15,8 +15,9 @@ figures are the registry's and the model's, without tokenizing or queueing:
   read), against loading every adapter at start as the server did before (timed on a sample
   and scaled to the count);
 - requests: one row of ``prompt`` tokens, greedy ``new_tokens``; *first* = an adapter's first
-  use (read, validated, made resident, maybe evicting), *later* = an adapter already resident;
-  and a mixed batch of ``batch`` rows naming ``batch`` adapters never used before;
+  use (read, validated, made resident, maybe evicting), *later* = an adapter already resident,
+  and the bare base, interleaved (medians, and the medians of the paired differences); and a
+  mixed batch of ``batch`` rows naming ``batch`` adapters never used before;
 - memory: resident adapter bytes after serving ``distinct`` different adapters under the
   budget, the resident count, loads and evictions; all adapters resident at once (the bytes of
   one adapter times the count) and LoRA at rank 8e and e for the same count (PEFT's rank-r
@@ -113,11 +114,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(0)
     ids = torch.randint(0, base.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     mm.generate(ids, adapter_names=[None], **gen)  # warm the base (first-call allocations)
+    # interleaved, so that the load of a shared machine hits the three alike: each round times
+    # an adapter's first use, a request to an adapter used before, and the bare base
     cold = rng.sample(names, args.requests)
-    first = [timed(lambda n=n: mm.generate(ids, adapter_names=[n], **gen)) for n in cold]
-    later = [timed(lambda n=n: mm.generate(ids, adapter_names=[n], **gen))
-             for n in rng.choices([n for n in cold if n in mm.adapters()], k=args.requests)]
-    base_only = [timed(lambda: mm.generate(ids, adapter_names=[None], **gen)) for _ in range(args.requests)]
+    first, later, base_only = [], [], []
+    for i, name in enumerate(cold):
+        first.append(timed(lambda: mm.generate(ids, adapter_names=[name], **gen)))
+        warm = rng.choice([n for n in cold[: i + 1] if n in mm.adapters()])
+        later.append(timed(lambda: mm.generate(ids, adapter_names=[warm], **gen)))
+        base_only.append(timed(lambda: mm.generate(ids, adapter_names=[None], **gen)))
     batch_ids = ids.expand(args.batch, -1)
     untouched = [n for n in names if n not in set(cold)]
     fresh = rng.sample(untouched, args.batch)
@@ -146,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_use_seconds": summary(first),
             "later_seconds": summary(later),
             "base_seconds": summary(base_only),
-            "first_use_overhead_seconds": statistics.median(first) - statistics.median(later),
+            "first_use_overhead_seconds": statistics.median(f - w for f, w in zip(first, later)),
+            "adapter_overhead_seconds": statistics.median(w - b for w, b in zip(later, base_only)),
             f"mixed_{args.batch}_rows_first_use_seconds": mixed_first,
             f"mixed_{args.batch}_rows_later_seconds": mixed_later,
         },
