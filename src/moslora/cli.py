@@ -496,7 +496,8 @@ def export_gguf(
 @app.command()
 def serve(
     adapters: Path = typer.Option(..., **_ADAPTER_DIR,
-                                  help="root directory of MoS adapters (each subdirectory is one)"),
+                                  help="root directory of MoS adapters (each subdirectory is one, loaded on "
+                                       "its first request)"),
     model: Optional[str] = typer.Option(None, callback=_model,
                                         help="local HF folder or .gguf file (default: embedded SmolLM2)"),
     base: Optional[str] = typer.Option(None, callback=_model, hidden=True,
@@ -505,6 +506,9 @@ def serve(
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port to listen on"),
     api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="JSON file of keys (default: $MOSLORA_API_KEYS)"),
+    max_resident_bytes: Optional[int] = typer.Option(
+        None, min=0, help="bytes of adapters kept in memory; past it the least recently used are "
+                          "unloaded (default: no limit)"),
     max_batch: int = typer.Option(16, min=1, help="rows per batched forward"),
     batch_window_ms: float = typer.Option(5.0, min=0.0, max=10_000.0, callback=_finite,
                                           help="how long to wait for more requests"),
@@ -517,7 +521,8 @@ def serve(
     request_timeout: float = typer.Option(60.0, min=0.001, callback=_finite,
                                           help="seconds before a request is answered 504"),
 ) -> None:
-    """Serve every adapter under --adapters over the OpenAI API (/v1/chat/completions, /v1/completions)."""
+    """Serve every adapter under --adapters over the OpenAI API (/v1/chat/completions, /v1/completions),
+    each loaded on its first request."""
     from .serving.server import ApiKeys, Limits, load_server
 
     if base is not None:
@@ -535,8 +540,8 @@ def serve(
                     request_timeout=request_timeout)
     import uvicorn
 
-    server = load_server(model, adapters, keys, max_batch=max_batch, batch_window=batch_window_ms / 1000,
-                         queue_size=queue_size, limits=limits)
+    server = load_server(model, adapters, keys, max_resident_bytes, max_batch=max_batch,
+                         batch_window=batch_window_ms / 1000, queue_size=queue_size, limits=limits)
     uvicorn.run(server, host=host, port=port)
 
 

@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -88,14 +87,47 @@ def keep_4bit_layout_stable(module: nn.Module) -> None:
         module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
 
 
-def low_rank_update(x: Tensor, a: Tensor, b: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
+def low_rank_update(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scaling: float | Tensor,
+    dropout: nn.Module | None = None,
+    *,
+    out: Tensor | None = None,
+    rows: Tensor | slice | None = None,
+) -> Tensor:
     """The adapter's share of the output, ``scaling · B (A dropout(x))``.
 
-    ``x: (..., d_in)``, ``a: (r, d_in)``, ``b: (d_out, r)`` -> ``(..., d_out)`` in the factors'
-    dtype (the caller casts it to the base output's). Never forms the dense ``B A``.
+    ``x: (batch, ..., d_in)``, ``a: (r, d_in)``, ``b: (d_out, r)`` -> ``(batch, ..., d_out)`` in
+    the factors' dtype (the caller casts it to the base output's). Never forms the dense ``B A``.
+
+    Serving many adapters (``serving.multi``) adds each adapter into the base output in place:
+    ``out: (batch, ..., d_out)`` (in the factors' dtype) gets ``out[rows] += update(x[rows])``
+    and is returned. ``rows`` are the batch rows this adapter serves: ``None`` every row, a
+    slice for contiguous rows (views: nothing is copied) or a ``(k,)`` int64 index (those rows
+    are gathered, and their updates added back in one scatter). ``G`` adapters at once:
+    ``a: (G, r, d_in)``, ``b: (G, d_out, r)``, ``rows: (G·m,)`` (``m`` rows each) and a
+    per-row ``scaling: (G·m, 1, ...)`` (0 for padding rows).
     """
-    h = dropout(x).to(a.dtype)
-    return F.linear(F.linear(h, a), b) * scaling
+    target = out
+    if isinstance(rows, slice):
+        x, target, rows = x[rows], None if out is None else out[rows], None
+    if rows is not None:
+        x = x.index_select(0, rows)
+    h = (x if dropout is None else dropout(x)).to(a.dtype)
+    if a.dim() == 3:  # G adapters: group g's rows are rows g·m .. g·m + m - 1
+        h = h.reshape(a.shape[0], -1, h.shape[-1])
+    update = ((h @ a.mT) @ b.mT).reshape(*x.shape[:-1], b.shape[-2])
+    if target is None:
+        return update * scaling
+    if isinstance(scaling, Tensor):
+        update, scaling = update.mul_(scaling), 1.0
+    if rows is None:
+        target.add_(update, alpha=scaling)
+    else:
+        target.index_add_(0, rows, update, alpha=scaling)
+    return out
 
 
 def dense_update(a: Tensor, b: Tensor, scaling: float) -> Tensor:

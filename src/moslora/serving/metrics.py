@@ -8,11 +8,19 @@ endpoints, so no client can grow the number of series.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+if TYPE_CHECKING:
+    from .multi import ResidencyStats
+
 UNKNOWN = "unknown"
+RESIDENCY = {
+    "loads": "Adapters loaded from disk on their first use",
+    "evictions": "Least recently used adapters unloaded to keep the resident byte budget",
+    "over_budget": "Calls whose own adapters alone exceeded the resident byte budget (served anyway)",
+}
 # seconds per request: CPU generation ranges from milliseconds to the 60 s default timeout
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -35,8 +43,14 @@ class ServerMetrics:
                                  per_request, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("moslora_queue_depth", "Requests waiting for the worker", registry=self.registry)
         self.adapters = Gauge("moslora_adapters_loaded", "Adapters resident", registry=self.registry)
-        self.resident = Gauge("moslora_resident_bytes", "Resident bytes (base, adapters_total, cache, total)",
+        self.available = Gauge("moslora_adapters_available", "Adapters servable: resident or on disk under the root",
+                               registry=self.registry)
+        self.resident = Gauge("moslora_resident_bytes", "Resident bytes (base, adapters_total, cache, total, budget)",
                               ["part"], registry=self.registry)
+        # the model counts these (ResidencyStats); each exposition adds what is new since the last
+        self.residency = {event: Counter(f"moslora_adapter_{event}", text, registry=self.registry)
+                          for event, text in RESIDENCY.items()}
+        self._residency_seen = dict.fromkeys(RESIDENCY, 0)
 
     def answered(self, model: str, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.latency.labels(model, endpoint).observe(seconds)
@@ -46,12 +60,19 @@ class ServerMetrics:
     def failed(self, model: str, endpoint: str, status: int) -> None:
         self.errors.labels(model, endpoint, str(status)).inc()
 
-    def exposition(self, queue_depth: int, memory: dict[str, Any]) -> bytes:
-        """The text format, with the gauges read now."""
+    def exposition(self, queue_depth: int, memory: dict[str, Any], residency: "ResidencyStats",
+                   available: int) -> bytes:
+        """The text format, with the gauges read now (``memory``: ``MultiAdapterModel.memory_report()``)."""
         self.queue_depth.set(queue_depth)
         self.adapters.set(len(memory["adapters"]))
-        for part in ("base", "adapters_total", "cache", "total"):
-            self.resident.labels(part).set(memory[part])
+        self.available.set(available)
+        for part in ("base", "adapters_total", "cache", "total", "budget"):
+            if memory[part] is not None:  # no budget: no series
+                self.resident.labels(part).set(memory[part])
+        for event, counter in self.residency.items():
+            total = getattr(residency, event)
+            counter.inc(total - self._residency_seen[event])
+            self._residency_seen[event] = total
         return generate_latest(self.registry)
 
     def summary(self) -> dict[str, int]:

@@ -2,20 +2,18 @@
 
 Each adapter stays in its compact form (pools, private segments, routing indices). A call
 
-1. assembles the factors of each adapter present in the batch (``ShardPools.factors``, one
-   gather per kind, or from the ``FactorCache``);
-2. gives every wrapped layer its per-row factors ``A: (rows, r_max, d_in)`` and
-   ``B: (rows, d_out, r_max)``: row ``i`` holds its adapter's factors for that layer,
-   zero-padded to the largest rank, or zeros (base rows; adapters that skip the layer); when
-   every row names the same adapter, that adapter's factors alone;
+1. groups its rows by adapter (``Rows``: a slice when an adapter's rows are contiguous, else
+   an index);
+2. assembles the factors ``A: (r, d_in)``, ``B: (d_out, r)`` of each adapter present
+   (``ShardPools.factors``, one gather per kind, or from the ``FactorCache``) and gives every
+   wrapped layer one ``Update`` per adapter that targets it;
 3. runs the base once. Each ``MultiAdapterLinear`` computes ``base(x)`` for the whole batch and
-   adds every row's ``scale · B (A x)`` into it with two batched matmuls (Punica's BGMV: each
-   row's factors, then ``bmm``), or two plain matmuls for a one-adapter batch, with no Python
-   loop over adapters.
+   adds each adapter's ``scale · B (A x)`` on that adapter's rows (Punica/S-LoRA's segmented
+   form, through ``layer.low_rank_update``): the factors are read once per adapter, never
+   copied per row. A batch whose rows all name one adapter is two plain matmuls over all
+   tokens; base rows are in no update, so they get the bare base exactly.
 
-Step 2 happens once per call, so ``generate`` pays it once, not at every new token; it holds
-``rows`` dense factor sets for the call's duration. Zero padding and zero rows are exact:
-they add products with 0.
+Steps 1-2 happen once per call, so ``generate`` pays them once, not at every new token.
 
 Routing indices are a deterministic function of (seed, config, kind), so adapters trained
 with the same seed carry identical ones: the registry keeps one copy of each distinct index
@@ -25,9 +23,10 @@ tensor (``_IndexStore``), and ``memory_report`` counts it once.
 from __future__ import annotations
 
 import hashlib
-import re
+import logging
 import threading
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,20 +36,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import read_adapter
+from ..checkpoint import CheckpointError, read_adapter
 from ..config import MoSConfig
-from ..layer import MoSLinear, dense_weight, linear_shape, set_dense_weight
+from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
 from ..targeting import Kind, UnwrappedView, build_pools
 from .cache import FactorCache, Factors
+from .root import NAME, AdapterRoot
 
 BASE = "__base__"
 """The name that selects the bare base model for a row (``None`` does too)."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+log = logging.getLogger("moslora.serving")
 
 
 class UnknownAdapterError(LookupError):
-    """A batch or a call names an adapter that is not loaded."""
+    """A batch or a call names an adapter that is neither loaded nor servable from the root."""
+
+
+@dataclass
+class ResidencyStats:
+    """What the registry did to keep adapters resident within the byte budget."""
+
+    loads: int = 0  # adapters loaded from the root on first use
+    evictions: int = 0  # least recently used adapters unloaded to make room
+    over_budget: int = 0  # calls whose own adapters alone exceeded the budget (served anyway)
 
 
 @dataclass(frozen=True)
@@ -94,24 +103,98 @@ def _digest(t: Tensor) -> str:
 # ---------------------------------------------------------------------------- layer
 
 
-class Route(NamedTuple):
-    """One layer's adapter factors for the rows of one call.
+class Rows:
+    """The rows of one call that one adapter serves, as each layer indexes them.
 
-    Mixed rows: ``a: (rows, r_max, d_in)``, ``b: (rows, d_out, r_max)`` (zero-padded to the
-    largest rank; zeros for rows without an update here) and ``scale: (rows, 1, 1)``. One
-    adapter for every row: ``a: (r, d_in)``, ``b: (d_out, r)`` and a float ``scale``.
+    Built once per call and shared by every layer (the grouping is the same in all of them).
+    HF ``generate`` repeats each row ``k`` times in place (``repeat_interleave``) for
+    ``num_beams`` / ``num_return_sequences``, so a layer may see ``k`` times the call's rows;
+    the copies keep their row's adapter.
+
+    Args:
+        rows: positions of this adapter's rows in the call's batch, ascending.
+        batch: rows in the call's batch.
+        device: where the layers' inputs live.
     """
+
+    def __init__(self, rows: list[int], batch: int, device: torch.device) -> None:
+        self.rows, self.batch, self.device = rows, batch, device
+        self._index: dict[int, Tensor | slice | None] = {}
+
+    def index(self, batch: int) -> Tensor | slice | None:
+        """These rows of a layer input of ``batch`` rows, as ``low_rank_update`` takes them:
+        ``None`` (all of them), a slice (contiguous) or a ``(k,)`` int64 index."""
+        if batch not in self._index:
+            if batch % self.batch:
+                raise RuntimeError(f"a layer got {batch} rows for {self.batch} adapter_names")
+            k = batch // self.batch
+            rows = [i * k + j for i in self.rows for j in range(k)]
+            if len(rows) == batch:
+                self._index[batch] = None
+            elif rows[-1] - rows[0] + 1 == len(rows):
+                self._index[batch] = slice(rows[0], rows[-1] + 1)
+            else:
+                self._index[batch] = torch.tensor(rows, device=self.device)
+        return self._index[batch]
+
+
+class Update(NamedTuple):
+    """One adapter's update in one layer for one call: ``a: (r, d_in)``, ``b: (d_out, r)``,
+    its scaling and the rows it applies to."""
 
     a: Tensor
     b: Tensor
-    scale: Tensor | float
+    scale: float
+    rows: Rows
+
+
+class Route:
+    """One layer's updates for one call, one per adapter of the call that targets the layer.
+
+    A decoding step has one token per row, so one adapter's share is a few matrix-vector
+    products and the cost is the number of operations, not their size: ``stacked`` gives the
+    updates as one batched product instead (every adapter's factors stacked once per call,
+    each adapter's rows padded to the most any adapter has, padding rows scaled by 0).
+    """
+
+    def __init__(self, updates: tuple[Update, ...]) -> None:
+        self.updates = updates
+        self._stacked: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def stacked(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For a layer input of ``batch`` rows: ``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)``
+        (zero-padded ranks: exact), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
+        if batch not in self._stacked:
+            if self._factors is None:
+                rank = max(u.a.shape[0] for u in self.updates)
+                self._factors = (torch.stack([F.pad(u.a, (0, 0, 0, rank - u.a.shape[0])) for u in self.updates]),
+                                 torch.stack([F.pad(u.b, (0, rank - u.b.shape[1])) for u in self.updates]))
+            per_update = [_positions(u.rows.index(batch), batch) for u in self.updates]
+            m = max(len(p) for p in per_update)
+            rows = [p + [0] * (m - len(p)) for p in per_update]
+            scale = [[u.scale] * len(p) + [0.0] * (m - len(p)) for u, p in zip(self.updates, per_update)]
+            a = self._factors[0]
+            self._stacked[batch] = (*self._factors, torch.tensor(scale, dtype=a.dtype, device=a.device).view(-1, 1, 1),
+                                    torch.tensor(rows, device=a.device).view(-1))
+        return self._stacked[batch]
+
+
+def _positions(index: Tensor | slice | None, batch: int) -> list[int]:
+    """``Rows.index`` as a list of row positions."""
+    if index is None:
+        return list(range(batch))
+    if isinstance(index, slice):
+        return list(range(index.start, index.stop))
+    return index.tolist()
 
 
 class MultiAdapterLinear(nn.Module):
     """A frozen linear layer plus, per batch row, the update of that row's adapter.
 
-    ``route`` is set by ``MultiAdapterModel`` for the duration of one call and is ``None``
-    otherwise (the layer is then exactly its base layer).
+    ``route`` is set by ``MultiAdapterModel`` for the duration of one call, and is ``None``
+    otherwise (the layer is then exactly its base layer); base rows are in no update, so they
+    get the base output exactly.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -125,57 +208,21 @@ class MultiAdapterLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.route is None:
             return y
-        a, b, scale = self.route
-        # the update is added into base(x)'s fresh output in place (a copy only if the base
-        # computes in another dtype): one pass over y instead of a delta tensor plus an add
-        if a.dim() == 2:  # one adapter for every row: one plain matmul over all tokens
-            out = y.reshape(-1, self.d_out).to(b.dtype)
-            h = (x.reshape(-1, self.d_in).to(a.dtype) @ a.T).mul_(scale)  # (tokens, r)
-            out.addmm_(h, b.T)
-        else:  # Punica's BGMV: each row its own factors, batched; the transposes are free views
-            rows = x.shape[0]
-            a, b, scale = (_expand(t, rows) for t in (a, b, scale))
-            out = y.reshape(rows, -1, self.d_out).to(b.dtype)
-            h = torch.bmm(x.reshape(rows, -1, self.d_in).to(a.dtype), a.transpose(1, 2)).mul_(scale)
-            out.baddbmm_(h, b.transpose(1, 2))
-        return out.view(y.shape).to(y.dtype)
+        # each adapter's compact factors on its rows' slice (Punica/S-LoRA's segmented form),
+        # added into base(x)'s fresh output in place (a copy only if the base computes in
+        # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
+        updates = self.route.updates
+        out = y.to(updates[0].b.dtype)
+        if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product
+            a, b, scale, rows = self.route.stacked(x.shape[0])
+            low_rank_update(x, a, b, scale, out=out, rows=rows)
+        else:
+            for a, b, scale, rows in updates:
+                low_rank_update(x, a, b, scale, out=out, rows=rows.index(x.shape[0]))
+        return out.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}"
-
-
-def _expand(per_row: Tensor, rows: int) -> Tensor:
-    """Per-row values for ``rows`` rows. HF generate repeats each row ``k`` times in place
-    (``repeat_interleave``) for ``num_beams`` / ``num_return_sequences``; copies keep the
-    row's adapter."""
-    if rows == per_row.shape[0]:
-        return per_row
-    if rows % per_row.shape[0]:
-        raise RuntimeError(f"a layer got {rows} rows for {per_row.shape[0]} adapter_names")
-    return per_row.repeat_interleave(rows // per_row.shape[0], dim=0)
-
-
-def _route(factors: list[tuple[Tensor, Tensor] | None], scales: list[float]) -> Route | None:
-    """One layer's route from each row's ``(A: (r, d_in), B: (d_out, r))`` (``None``: base row,
-    or its adapter skips the layer) and adapter scaling; ``None`` if no row has an update here."""
-    present = [f for f in factors if f is not None]
-    if not present:
-        return None
-    first = present[0]
-    if all(f is first for f in factors):  # every row, one adapter: no per-row copies at all
-        return Route(*first, scales[0])
-    rank = max(a.shape[0] for a, _ in present)
-    zero = (first[0].new_zeros(rank, first[0].shape[1]), first[1].new_zeros(first[1].shape[0], rank))
-
-    def padded(pair: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        if pair is None:
-            return zero
-        missing = rank - pair[0].shape[0]
-        return (F.pad(pair[0], (0, 0, 0, missing)), F.pad(pair[1], (0, missing))) if missing else pair
-
-    pairs = [padded(pair) for pair in factors]
-    scale = torch.tensor(scales, dtype=first[0].dtype, device=first[0].device).view(-1, 1, 1)
-    return Route(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), scale)
 
 
 # ---------------------------------------------------------------------------- model
@@ -189,6 +236,14 @@ class MultiAdapterModel(nn.Module):
             the linear layers the adapters target). It is frozen, and its targeted linear
             layers are wrapped in ``MultiAdapterLinear`` while an adapter targets them.
         cache_bytes: budget of the ``FactorCache`` of materialized factors (0 = off).
+        adapter_root: a directory of adapters, one per subdirectory named after it
+            (``AdapterRoot``): each is servable by name and loaded on the first call that
+            names it. ``None``: only adapters loaded with ``load_adapter``.
+        max_resident_bytes: budget of the adapters loaded from the root (``memory_report``'s
+            ``adapters_total``): past it, the least recently used ones are unloaded, never one
+            the current call uses (a call that alone needs more is served, logged and counted
+            in ``stats.over_budget``). ``None``: no limit. Adapters loaded with
+            ``load_adapter`` count towards it but are never evicted.
 
     Loaded adapters are read-only: their factors may be cached, their routing indices may be
     shared with other adapters, and each call reads them.
@@ -198,9 +253,13 @@ class MultiAdapterModel(nn.Module):
         mm = MultiAdapterModel(base)
         mm.load_adapter("a", "adapters/a"); mm.load_adapter("b", "adapters/b")
         logits = mm(input_ids, adapter_names=["a", "b", None]).logits
+
+        mm = MultiAdapterModel(base, adapter_root="adapters", max_resident_bytes=2**30)
+        mm.available()  # ["a", "b", ...]: every adapter on disk, loaded when first used
     """
 
-    def __init__(self, base_model: nn.Module, cache_bytes: int = 0) -> None:
+    def __init__(self, base_model: nn.Module, cache_bytes: int = 0, adapter_root: str | Path | None = None,
+                 max_resident_bytes: int | None = None) -> None:
         super().__init__()
         if any(isinstance(m, MoSLinear) for m in base_model.modules()):
             raise ValueError(
@@ -211,26 +270,42 @@ class MultiAdapterModel(nn.Module):
         self.adapter_pools = nn.ModuleDict()  # name -> ModuleDict(kind key -> ShardPools)
         self.cache = FactorCache(cache_bytes)
         self.merged: str | None = None
+        self.merge_error = 0.0  # largest storage error of the last merge/unmerge (4-bit: requantized)
         self._indices = _IndexStore()
         self._info: dict[str, _AdapterInfo] = {}
         self._layers: dict[str, MultiAdapterLinear] = {}
+        if max_resident_bytes is not None and max_resident_bytes < 0:
+            raise ValueError(f"max_resident_bytes must be >= 0, got {max_resident_bytes}")
+        self.root = None if adapter_root is None else AdapterRoot(adapter_root)
+        self.max_resident_bytes = max_resident_bytes
+        self.stats = ResidencyStats()
+        self._from_root: OrderedDict[str, None] = OrderedDict()  # loaded on use, least recently used first
         # one call at a time: a call sets per-row routes on shared layers (and load, unload and
         # merge rewrite them), so concurrent callers, e.g. server threads, must take turns
         self._lock = threading.Lock()
 
     # ---- registry
     def adapters(self) -> list[str]:
-        """Names of the loaded adapters, in load order."""
+        """Names of the resident adapters, in load order."""
         return list(self._info)
 
+    def available(self) -> list[str]:
+        """Every adapter a call may name, sorted: the resident ones and those on disk under the
+        root (not yet loaded, or evicted). One removed from the root is no longer listed (and
+        is unloaded at the next call)."""
+        on_disk = self.root.names() if self.root is not None else frozenset()
+        resident = list(self._info)  # one C-level copy: safe while a call loads or evicts (no lock)
+        return sorted(on_disk | {n for n in resident if n not in self._from_root})
+
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Validate the MoS adapter at ``path`` against the base and keep it resident as pools.
+        """Validate the MoS adapter at ``path`` against the base and keep it resident as pools
+        until ``unload_adapter`` (it is never evicted).
 
         Raises ``ValueError`` for a bad or duplicate name, ``FileNotFoundError`` and
         ``CheckpointError`` (e.g. saved for a different base) for bad files; the model is
         unchanged on any error.
         """
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(
                 f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit"
@@ -238,51 +313,30 @@ class MultiAdapterModel(nn.Module):
         with self._lock:
             if name in self._info:
                 raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-            config, kinds, state = self._read(Path(path))
-            pools = nn.ModuleDict({k.key: build_pools(config, k) for k in kinds})
-            pools.load_state_dict(state, strict=True)
-            device = next(self.base_model.parameters()).device
-            pools = pools.requires_grad_(False).to(device)
-            for kind_pools in pools.values():
-                for buffer in ("index_A", "index_B"):
-                    setattr(kind_pools, buffer, self._indices.intern(getattr(kind_pools, buffer)))
-            self.adapter_pools[name] = pools
-            self._info[name] = _AdapterInfo(config, tuple(kinds))
-            for module_name in (n for k in kinds for n in k.layers):
-                if module_name not in self._layers:
-                    self._wrap(module_name)
+            self._load(name, Path(path))
 
     def unload_adapter(self, name: str) -> None:
-        """Drop adapter ``name``: its pools, cached factors, and the wrappers no adapter needs."""
+        """Drop adapter ``name``: its pools, cached factors, and the wrappers no adapter needs.
+        One on disk under the root stays available (and is loaded again when next named)."""
         with self._lock:
             self._require(name)
             if self.merged == name:
                 raise RuntimeError(f"adapter {name!r} is merged into the base: unmerge() first")
-            del self.adapter_pools[name], self._info[name]
-            self.cache.drop(name)
-            needed = {n for info in self._info.values() for k in info.kinds for n in k.layers}
-            for module_name in [n for n in self._layers if n not in needed]:
-                self._unwrap(module_name)
+            self._unload(name)
 
     def memory_report(self) -> dict[str, Any]:
         """Resident bytes, each tensor counted once: ``base``; ``adapters``, per name, what that
         adapter alone holds (compact form); ``shared``, tensors held by several adapters (routing
         indices of same-seed adapters); ``adapters_total`` = their sum; ``cache``
-        (materialized factors); ``total``."""
-        users: dict[int, set[str]] = {}
-        size: dict[int, int] = {}
-        for name in self._info:
-            for t in _tensors(self.adapter_pools[name]):
-                users.setdefault(id(t), set()).add(name)
-                size[id(t)] = t.numel() * t.element_size()
-        adapters = {name: sum(size[i] for i, u in users.items() if u == {name}) for name in self._info}
-        shared = sum(size[i] for i, u in users.items() if len(u) > 1)
+        (materialized factors); ``total``; and ``budget``, ``max_resident_bytes``."""
+        adapters, shared = self._adapter_bytes()
         report = {
             "base": sum(t.numel() * t.element_size() for t in _tensors(self.base_model)),
             "adapters": adapters,
             "shared": shared,
             "adapters_total": sum(adapters.values()) + shared,
             "cache": self.cache.bytes,
+            "budget": self.max_resident_bytes,
         }
         report["total"] = report["base"] + report["adapters_total"] + report["cache"]
         return report
@@ -343,9 +397,87 @@ class MultiAdapterModel(nn.Module):
         if name not in self._info:
             raise UnknownAdapterError(f"no adapter named {name!r} is loaded; loaded: {self.adapters()}")
 
-    def _read(self, path: Path) -> tuple[MoSConfig, list[Kind], dict[str, Tensor]]:
-        """``checkpoint.read_adapter`` against the base as it was before we wrapped it."""
-        return read_adapter(self.base_model, path, view=UnwrappedView(self.base_model, MultiAdapterLinear))
+    def _load(self, name: str, path: Path) -> None:
+        """Read and validate the adapter at ``path`` and make it resident as ``name``."""
+        config, kinds, state = read_adapter(self.base_model, path,
+                                            view=UnwrappedView(self.base_model, MultiAdapterLinear))
+        pools = nn.ModuleDict({k.key: build_pools(config, k) for k in kinds})
+        pools.load_state_dict(state, strict=True)
+        device = next(self.base_model.parameters()).device
+        pools = pools.requires_grad_(False).to(device)
+        for kind_pools in pools.values():
+            for buffer in ("index_A", "index_B"):
+                setattr(kind_pools, buffer, self._indices.intern(getattr(kind_pools, buffer)))
+        self.adapter_pools[name] = pools
+        self._info[name] = _AdapterInfo(config, tuple(kinds))
+        for module_name in (n for k in kinds for n in k.layers):
+            if module_name not in self._layers:
+                self._wrap(module_name)
+
+    def _unload(self, name: str) -> None:
+        del self.adapter_pools[name], self._info[name]
+        self._from_root.pop(name, None)
+        self.cache.drop(name)
+        needed = {n for info in self._info.values() for k in info.kinds for n in k.layers}
+        for module_name in [n for n in self._layers if n not in needed]:
+            self._unwrap(module_name)
+
+    def _adapter_bytes(self) -> tuple[dict[str, int], int]:
+        """The one byte counter of resident adapters, each tensor once: per name, the bytes of
+        the tensors that adapter alone holds (pools, private segments, routing indices), and
+        the bytes of the tensors several hold (same-seed routing indices)."""
+        users: dict[int, set[str]] = {}
+        size: dict[int, int] = {}
+        for name in self._info:
+            for t in _tensors(self.adapter_pools[name]):
+                users.setdefault(id(t), set()).add(name)
+                size[id(t)] = t.numel() * t.element_size()
+        alone = {name: sum(size[i] for i, u in users.items() if u == {name}) for name in self._info}
+        return alone, sum(size[i] for i, u in users.items() if len(u) > 1)
+
+    def _make_resident(self, needed: list[str]) -> None:
+        """Load the adapters of a call that are on disk but not resident, each followed by
+        evictions down to the budget (never one of ``needed``); mark them as just used."""
+        on_disk = self.root.names()
+        for name in [n for n in self._from_root if n not in on_disk and n != self.merged]:
+            self._unload(name)  # its directory was removed: no longer servable
+        unknown = [n for n in needed if n not in self._info and n not in on_disk]
+        if unknown:
+            raise UnknownAdapterError(
+                f"unknown adapter(s) {unknown} in adapter_names: neither loaded nor under the adapter root "
+                f"{self.root.path} (None or {BASE!r} selects the base model)"
+            )
+        for name in needed:
+            if name not in self._info:
+                try:
+                    self._load(name, self.root.inside(name))
+                except (CheckpointError, FileNotFoundError) as err:
+                    self.root.mark_broken(name)
+                    raise UnknownAdapterError(f"adapter {name!r} under the adapter root cannot be served: {err}") from err
+                self.stats.loads += 1
+                self._from_root[name] = None
+                self._evict(keep=set(needed))
+            if name in self._from_root:
+                self._from_root.move_to_end(name)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Unload least recently used adapters from the root until the resident ones fit
+        ``max_resident_bytes``; never one in ``keep`` (the current call's) or the merged one."""
+        if self.max_resident_bytes is None:
+            return
+        def resident() -> int:
+            alone, shared = self._adapter_bytes()
+            return sum(alone.values()) + shared
+
+        for name in [n for n in self._from_root if n not in keep and n != self.merged]:
+            if resident() <= self.max_resident_bytes:
+                return
+            self._unload(name)
+            self.stats.evictions += 1
+        if resident() > self.max_resident_bytes:
+            self.stats.over_budget += 1
+            log.warning("resident adapters take %d bytes, over the budget of %d: this call's %d adapter(s) "
+                        "alone need more; served anyway", resident(), self.max_resident_bytes, len(keep))
 
     def _factors(self, name: str) -> Factors:
         """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled."""
@@ -373,11 +505,15 @@ class MultiAdapterModel(nn.Module):
                 )
             yield
             return
-        factors = {name: self._factors(name) for name in dict.fromkeys(n for n in names if n is not None)}
-        scales = [0.0 if n is None else self._info[n].config.scaling for n in names]
+        device = next(self.base_model.parameters()).device
+        groups = {name: Rows([i for i, n in enumerate(names) if n == name], len(names), device)
+                  for name in dict.fromkeys(n for n in names if n is not None)}
+        factors = {name: self._factors(name) for name in groups}
         try:
             for module_name, layer in self._layers.items():
-                layer.route = _route([None if n is None else factors[n].get(module_name) for n in names], scales)
+                updates = tuple(Update(*factors[name][module_name], self._info[name].config.scaling, rows)
+                                for name, rows in groups.items() if module_name in factors[name])
+                layer.route = Route(updates) if updates else None
             yield
         finally:
             for layer in self._layers.values():
@@ -392,8 +528,9 @@ class MultiAdapterModel(nn.Module):
         names = [None if n == BASE else n for n in adapter_names]
         if len(names) != rows:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows")
-        unknown = sorted({n for n in names if n is not None and n not in self._info}, key=str)
-        if unknown:
+        if self.root is not None:
+            self._make_resident([n for n in dict.fromkeys(names) if n is not None])
+        elif unknown := sorted({n for n in names if n is not None and n not in self._info}, key=str):
             raise UnknownAdapterError(
                 f"unknown adapter(s) {unknown} in adapter_names; loaded: {self.adapters()} "
                 f"(None or {BASE!r} selects the base model)"
@@ -401,12 +538,13 @@ class MultiAdapterModel(nn.Module):
         return names
 
     def _add_to_base(self, name: str, sign: float) -> None:
+        """``W += sign · (alpha/r) B A`` in every layer of adapter ``name``, through the layer's
+        own merge (``layer.add_to_weight``): a 4-bit base is requantized, and the largest
+        storage error this costs is kept in ``merge_error``."""
         scaling = self._info[name].config.scaling
-        for module_name, (a, b) in self._factors(name).items():
-            layer = self._layers[module_name].base_layer
-            weight = dense_weight(layer)
-            delta = scaling * (b @ a)  # (d_out, d_in)
-            set_dense_weight(layer, (weight.float() + sign * delta.float()).to(weight.dtype))
+        errors = [add_to_weight(self._layers[module_name].base_layer, sign * dense_update(a, b, scaling))
+                  for module_name, (a, b) in self._factors(name).items()]
+        self.merge_error = max(errors, default=0.0)
 
     def _wrap(self, module_name: str) -> None:
         owner, child = _owner(self.base_model, module_name)

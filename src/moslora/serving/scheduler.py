@@ -66,7 +66,7 @@ layer) is then paid at most once per this many steps."""
 
 def servable(model: MultiAdapterModel) -> set[str]:
     """Every model name a request may ask for: the base and each adapter ``model`` serves."""
-    return {BASE, *model.adapters()}
+    return {BASE, *model.available()}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
     moslora serve --adapters ADAPTER_ROOT [--model MODEL] [--port 8000]
 
-Every subdirectory of ``ADAPTER_ROOT`` that holds an MoS adapter is loaded at start under its
-directory name; more can be loaded later, from under the same root only. ``POST
+Every subdirectory of ``ADAPTER_ROOT`` that holds an MoS adapter is servable under its
+directory name, and loaded on the first request that names it (``MultiAdapterModel``'s
+adapter root): start-up reads no adapter, resident ones are kept within
+``--max-resident-bytes`` (least recently used evicted), and directories added or removed while
+the server runs are seen within a second. ``POST /v1/adapters`` loads one explicitly (from
+under the same root only; it then stays resident until deleted). ``POST
 /v1/completions`` and ``POST /v1/chat/completions`` (the base tokenizer's chat template) take
 OpenAI's bodies, with ``model`` naming an adapter or ``__base__``; ``GET /v1/models[/{id}]``
 lists them. Requests from all clients go into one bounded queue; a single worker thread answers
@@ -32,6 +36,7 @@ Keys (optional): ``{"*": key}`` protects every model and the adapter endpoints,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -51,13 +56,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import Field
 from starlette.exceptions import HTTPException
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from ..checkpoint import CheckpointError
 from ..config import require_float, require_int
 from .decoding import Sampling
 from .metrics import UNKNOWN, ServerMetrics
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, StrictBody, choice, delta, load_json, sse, usage,
                          validate)
+from .root import AdapterRoot
 from .scheduler import Choice, Job, Scheduler, servable
 
 KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
@@ -165,7 +171,7 @@ def create_app(
     require_int("max_batch", max_batch, minimum=1)
     require_int("queue_size", queue_size, minimum=1)
     require_float("batch_window", batch_window, low=0.0)
-    root = Path(adapter_root).resolve()
+    root = AdapterRoot(adapter_root)
     keys = keys or ApiKeys()
     scheduler = Scheduler(model, tokenizer, max_batch, batch_window, queue_size)
     metrics = ServerMetrics()
@@ -302,7 +308,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [card(name) for name in [BASE, *model.adapters()]]}
+        return {"object": "list", "data": [card(name) for name in [BASE, *model.available()]]}
 
     @app.get("/v1/models/{name}")
     async def model_info(name: str) -> dict:
@@ -313,19 +319,18 @@ def create_app(
     @app.post("/v1/adapters", dependencies=[Depends(admin)])
     async def load(request: Request) -> dict:
         req = validate(load_json(await request.body()), AdapterRequest)
-        path = (root / req.path).resolve()  # resolves "..", absolute paths and symlinks
-        # the files too: a symlinked adapter_config.json must not read from outside the root
-        files = [(path / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
-        if not all(p.is_relative_to(root) for p in (path, *files)):
-            raise ApiError(400, f"adapter path {req.path!r} is outside the adapter root", param="path")
+        try:  # resolves "..", absolute paths and symlinks, of the adapter's files too
+            path = root.inside(req.path)
+        except CheckpointError as err:
+            raise ApiError(400, str(err), param="path") from None
         if req.name in model.adapters():
             raise ApiError(409, f"an adapter named {req.name!r} is already loaded", param="name")
         try:
             await asyncio.to_thread(model.load_adapter, req.name, path)
         except FileNotFoundError as err:
-            raise ApiError(404, str(err).replace(str(root), "<root>"), param="path") from None
+            raise ApiError(404, str(err).replace(str(root.path), "<root>"), param="path") from None
         except CheckpointError as err:
-            raise ApiError(400, str(err).replace(str(root), "<root>"), param="path") from None
+            raise ApiError(400, str(err).replace(str(root.path), "<root>"), param="path") from None
         except ValueError as err:  # an invalid name
             raise ApiError(400, str(err), param="name") from None
         loaded_at[req.name] = int(time.time())
@@ -348,13 +353,14 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        text = metrics.exposition(scheduler.queue.qsize(), model.memory_report())
+        text = metrics.exposition(scheduler.queue.qsize(), model.memory_report(), model.stats, len(model.available()))
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metrics.json")
     async def metrics_json() -> dict:
         return {**metrics.summary(), "queue_depth": scheduler.queue.qsize(), "adapters": model.adapters(),
-                "memory_bytes": model.memory_report()}
+                "available": len(model.available()), "memory_bytes": model.memory_report(),
+                "residency": dataclasses.asdict(model.stats)}
 
     return app
 
@@ -426,18 +432,13 @@ class Reply:
 # ---------------------------------------------------------------------------- entry point
 
 
-def load_server(base: str | None, adapter_root: str | Path, keys: ApiKeys | None = None, **app_kwargs: Any) -> FastAPI:
+def load_server(base: str | None, adapter_root: str | Path, keys: ApiKeys | None = None,
+                max_resident_bytes: int | None = None, **app_kwargs: Any) -> FastAPI:
     """Load the base (a local HF folder, a .gguf file, or ``None`` for the embedded default;
-    ``train.load_base``) and every MoS adapter directly under ``adapter_root``; directories
-    that are not MoS adapters are skipped with a note."""
+    ``base.load_base``) and serve every MoS adapter under ``adapter_root``, each loaded on its
+    first request (validated then) and kept resident within ``max_resident_bytes``."""
     from ..base import load_base
 
     base_model, tokenizer = load_base(base)
-    model = MultiAdapterModel(base_model.eval())
-    for path in sorted(Path(adapter_root).iterdir()):
-        if (path / CONFIG_NAME).is_file():
-            try:
-                model.load_adapter(path.name, path)
-            except (CheckpointError, ValueError) as err:
-                print(f"skipped {path}: {err}")
+    model = MultiAdapterModel(base_model.eval(), adapter_root=adapter_root, max_resident_bytes=max_resident_bytes)
     return create_app(model, tokenizer, adapter_root, keys, **app_kwargs)
