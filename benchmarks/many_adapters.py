@@ -81,7 +81,7 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from moslora.train import load_base
+    from moslora.base import load_base
 
     torch.set_num_threads(args.threads)
     root = args.root
