@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError, read_adapter
 from ..config import MoSConfig
 from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
-from ..targeting import Kind, UnwrappedView, build_pools
+from ..targeting import Kind, UnwrappedView, build_pools, swap_module
 from .cache import FactorCache, Factors
 from .root import NAME, AdapterRoot
 
@@ -547,19 +547,12 @@ class MultiAdapterModel(nn.Module):
         self.merge_error = max(errors, default=0.0)
 
     def _wrap(self, module_name: str) -> None:
-        owner, child = _owner(self.base_model, module_name)
-        layer = MultiAdapterLinear(getattr(owner, child))
-        setattr(owner, child, layer)
+        layer = MultiAdapterLinear(self.base_model.get_submodule(module_name))
+        swap_module(self.base_model, module_name, layer)
         self._layers[module_name] = layer
 
     def _unwrap(self, module_name: str) -> None:
-        owner, child = _owner(self.base_model, module_name)
-        setattr(owner, child, self._layers.pop(module_name).base_layer)
-
-
-def _owner(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
-    parent, _, child = module_name.rpartition(".")
-    return model.get_submodule(parent), child
+        swap_module(self.base_model, module_name, self._layers.pop(module_name).base_layer)
 
 
 def _tensors(module: nn.Module) -> list[Tensor]:
