@@ -119,16 +119,23 @@ class Rows:
 
     def __init__(self, rows: list[int], batch: int, device: torch.device) -> None:
         self.rows, self.batch, self.device = rows, batch, device
+        self._positions: dict[int, list[int]] = {}
         self._index: dict[int, Tensor | slice | None] = {}
+
+    def positions(self, batch: int) -> list[int]:
+        """These rows' positions in a layer input of ``batch`` rows, ascending."""
+        if batch not in self._positions:
+            if batch % self.batch:
+                raise RuntimeError(f"a layer got {batch} rows for {self.batch} adapter_names")
+            k = batch // self.batch
+            self._positions[batch] = [i * k + j for i in self.rows for j in range(k)]
+        return self._positions[batch]
 
     def index(self, batch: int) -> Tensor | slice | None:
         """These rows of a layer input of ``batch`` rows, as ``low_rank_update`` takes them:
         ``None`` (all of them), a slice (contiguous) or a ``(k,)`` int64 index."""
         if batch not in self._index:
-            if batch % self.batch:
-                raise RuntimeError(f"a layer got {batch} rows for {self.batch} adapter_names")
-            k = batch // self.batch
-            rows = [i * k + j for i in self.rows for j in range(k)]
+            rows = self.positions(batch)
             if len(rows) == batch:
                 self._index[batch] = None
             elif rows[-1] - rows[0] + 1 == len(rows):
@@ -170,7 +177,7 @@ class Route:
                 rank = max(u.a.shape[0] for u in self.updates)
                 self._factors = (torch.stack([F.pad(u.a, (0, 0, 0, rank - u.a.shape[0])) for u in self.updates]),
                                  torch.stack([F.pad(u.b, (0, rank - u.b.shape[1])) for u in self.updates]))
-            per_update = [_positions(u.rows.index(batch), batch) for u in self.updates]
+            per_update = [u.rows.positions(batch) for u in self.updates]
             m = max(len(p) for p in per_update)
             rows = [p + [0] * (m - len(p)) for p in per_update]
             scale = [[u.scale] * len(p) + [0.0] * (m - len(p)) for u, p in zip(self.updates, per_update)]
@@ -178,15 +185,6 @@ class Route:
             self._stacked[batch] = (*self._factors, torch.tensor(scale, dtype=a.dtype, device=a.device).view(-1, 1, 1),
                                     torch.tensor(rows, device=a.device).view(-1))
         return self._stacked[batch]
-
-
-def _positions(index: Tensor | slice | None, batch: int) -> list[int]:
-    """``Rows.index`` as a list of row positions."""
-    if index is None:
-        return list(range(batch))
-    if isinstance(index, slice):
-        return list(range(index.start, index.stop))
-    return index.tolist()
 
 
 class MultiAdapterLinear(nn.Module):
