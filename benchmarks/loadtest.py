@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "--adapters", str(adapters), "--port", str(port)])
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, server, timeout=120)
+            wait_healthy(url, server, timeout=120)
             result = asyncio.run(drive(url, [BASE] + [f"a{i}" for i in range(args.adapters)], args))
         finally:
             server.terminate()
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("server_metrics", "config")}, indent=2))
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:

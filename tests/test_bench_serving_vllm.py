@@ -1,0 +1,76 @@
+"""The moslora-vs-vLLM serving benchmark's own parts, without vLLM: its command line, the
+settings it tries, the figures it derives from rounds, and a live moslora server driven,
+paused and resumed the way the benchmark does it."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from benchmarks import serving_vllm
+from benchmarks.loadtest import build_assets
+
+
+def test_it_asks_for_the_interop_venv_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serving_vllm.main(["--vllm-python", str(tmp_path / "nope" / "python")])
+    assert exit_.value.code == 2
+    assert "make interop" in capsys.readouterr().err
+
+
+def test_an_unknown_vllm_setting_lists_the_choices(tmp_path, capsys):
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    with pytest.raises(SystemExit):
+        serving_vllm.main(["--vllm-python", str(python), "--vllm-settings", "turbo"])
+    assert "vllm_2threads" in capsys.readouterr().err
+
+
+def test_openmp_is_preloaded_only_where_the_venv_has_it(tmp_path):
+    python = tmp_path / "venv" / "bin" / "python"
+    assert set(serving_vllm.vllm_settings(python)) == {"vllm", "vllm_2threads"}
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "venv" / "lib" / "libiomp5.so").touch()
+    settings = serving_vllm.vllm_settings(python)
+    assert settings["vllm_2threads_iomp"]["LD_PRELOAD"] == str(tmp_path / "venv" / "lib" / "libiomp5.so")
+    assert settings["vllm"] == {}  # vLLM's own default is left alone
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+def _round(seconds, texts, tokens=32):
+    return {"seconds": seconds, "completion_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "latencies": [seconds / 2, seconds], "texts": texts}
+
+
+def test_speedups_are_paired_time_ratios_and_texts_are_compared_request_by_request():
+    rounds = {"moslora": [_round(1.0, ["a", "b"]), _round(2.0, ["a", "b"])],
+              "vllm": [_round(3.0, ["a", "x"], tokens=40), _round(4.0, ["a", "b"], tokens=40)]}
+    row = serving_vllm.summarize(rounds, 10, [_Named("moslora"), _Named("vllm")])
+    # per round 3/1 and 4/2, whatever each server counts as completion tokens
+    assert row["moslora_over_vllm"] == pytest.approx(2.5)
+    assert row["servers"]["vllm"]["same_text_as_moslora"] == "3/4"
+    assert row["servers"]["moslora"]["same_text_as_moslora"] == "4/4"
+    assert row["servers"]["moslora"]["latency_p50_s"] == pytest.approx(1.0)  # of 0.5, 1, 1, 2
+    assert row["servers"]["vllm"]["tokens_per_s"] == pytest.approx((40 / 3 + 40 / 4) / 2)
+
+
+def test_a_paused_server_answers_nothing_until_it_is_resumed(tmp_path):
+    base, adapters = build_assets(tmp_path, adapters=2)
+    command = serving_vllm.moslora_command(adapters, base, batch=4)
+    with serving_vllm.started("moslora", command, {}, "__base__", tmp_path / "server.log", timeout=120) as server:
+        jobs = [(None, "w1 w2 w3"), (0, "w4 w5"), (1, "w6"), (1, "w7 w8")]
+        result = asyncio.run(serving_vllm.run_round(server, jobs, max_tokens=3))
+        assert len(result["texts"]) == 4 and result["completion_tokens"] > 0
+        server.pause()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(f"{server.url}/health", timeout=1)
+        server.resume()
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        assert server.rss_bytes() > 0
+        process = server.process
+    assert process.poll() is not None  # stopped on leaving the block
