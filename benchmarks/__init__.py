@@ -5,6 +5,9 @@ and the random Llama they measure on.
     python -m benchmarks.speed [--quick]     training step time and memory (make bench-speed)
     python -m benchmarks.serving [--quick]   many adapters on one base (make bench-serving)
     python -m benchmarks.loadtest            the HTTP server under load (make load-test)
+    python -m benchmarks.serving_vllm        moslora serve vs vLLM serve (make bench-vllm)
+    python benchmarks/many_adapters.py       1,000 adapters from disk (make bench-adapters)
+    python benchmarks/interop/run.py         the exports in vLLM and llama.cpp (make interop)
     python -m benchmarks.report              plots and the README's Results section
     python -m benchmarks.capacity_pilot      the pilot that chose the capacity track's regime
 
