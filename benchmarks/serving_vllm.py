@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import math
 import os
-import platform
 import random
 import signal
 import statistics
@@ -66,6 +64,8 @@ from .serving import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2)
+
+
 def vllm_settings(python: Path) -> dict[str, dict[str, str]]:
     """vLLM's settings tried, name -> environment: its default on this machine (``auto``: one
     core for the model, one reserved for its scheduler), both cores for the model, and both
@@ -287,12 +287,11 @@ def memory_row(servers: list[Server], count: int, peft: Path, slots: int) -> dic
     """Adapter memory at N = ``count``: moslora's measured resident adapter bytes; for vLLM,
     which counts none, the LoRA slot buffers it allocates at start (``slots`` adapters of
     rank ``max_lora_rank`` in every layer: computed) and every server's process-tree RSS."""
-    moslora = next(s for s in servers if s.name == "moslora")
-    moslora.resume()
-    report = httpx.get(f"{moslora.url}/metrics.json", timeout=30).json()["memory_bytes"]
-    one = lora_bytes(peft / "a0")
     for server in servers:
         server.resume()
+    moslora = next(s for s in servers if s.name == "moslora")
+    report = httpx.get(f"{moslora.url}/metrics.json", timeout=30).json()["memory_bytes"]
+    one = lora_bytes(peft / "a0")
     rss = {s.name: s.rss_bytes() for s in servers}
     return {"adapters": count, "moslora_adapter_bytes": report["adapters_total"], "lora_bytes_each": one,
             "vllm_slots": slots, "vllm_slot_bytes": slots * one, "process_rss_bytes": rss}
@@ -316,9 +315,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.vllm_python.is_file():
         ap.error(f"{args.vllm_python} does not exist: build the interop venv with `make interop` first")
     settings = vllm_settings(args.vllm_python)
-    args.vllm_settings = args.vllm_settings or list(settings)
-    if unknown := set(args.vllm_settings) - set(settings):
+    if unknown := set(args.vllm_settings or ()) - set(settings):
         ap.error(f"unknown --vllm-settings {sorted(unknown)}: choose from {sorted(settings)}")
+    # from here on, the chosen settings by name with their environments
+    args.vllm_settings = {name: settings[name] for name in args.vllm_settings or settings}
     return args
 
 
@@ -331,20 +331,18 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = default_model_path()
     # vLLM reserves its CPU KV cache up front (GiB); 32 rows x 80 tokens need ~0.1 GiB of it
     vllm_env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    settings = vllm_settings(args.vllm_python)
     result: dict[str, Any] = {
         "benchmark": "serving_vllm", "environment": environment(), "config": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "mos_config": CONFIG.to_dict(),
-        "vllm_settings": {name: settings[name] for name in args.vllm_settings}, "rows": [], "memory": []}
+        "mos_config": CONFIG.to_dict(), "rows": [], "memory": []}
     with ExitStack() as stack:
         servers = [stack.enter_context(started("moslora", moslora_command(mos, base_dir, args.requests), {},
                                                "__base__", args.build / "moslora.log", timeout=300))]
         servers[0].pause()
-        for name in args.vllm_settings:
+        for name, env in args.vllm_settings.items():
             servers.append(stack.enter_context(started(
                 name, vllm_command(args.vllm_python, base_dir, peft, count, CONFIG.rank),
-                {**vllm_env, **settings[name]}, "base", args.build / f"{name}.log", timeout=900)))
+                {**vllm_env, **env}, "base", args.build / f"{name}.log", timeout=900)))
             servers[-1].pause()
         result["startup_seconds"] = {s.name: s.startup_seconds for s in servers}
         result["idle_cpu_cores"] = {s.name: s.idle_cpu() for s in servers}
