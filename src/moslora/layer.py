@@ -118,11 +118,12 @@ def low_rank_update(
     h = (x if dropout is None else dropout(x)).to(a.dtype)
     if a.dim() == 3:  # G adapters: group g's rows are rows g·m .. g·m + m - 1
         h = h.reshape(a.shape[0], -1, h.shape[-1])
-    update = ((h @ a.mT) @ b.mT).reshape(*x.shape[:-1], b.shape[-2])
+    h = h @ a.mT
+    if isinstance(scaling, Tensor):  # per row, applied on the small rank-r side
+        h, scaling = (h.view(*x.shape[:-1], -1) * scaling).view(h.shape), 1.0
+    update = (h @ b.mT).reshape(*x.shape[:-1], b.shape[-2])
     if target is None:
         return update * scaling
-    if isinstance(scaling, Tensor):
-        update, scaling = update.mul_(scaling), 1.0
     if rows is None:
         target.add_(update, alpha=scaling)
     else:

@@ -87,14 +87,13 @@ class ShardPools(nn.Module):
         """Assemble ``A: (r, d_in)`` and ``B: (d_out, r)`` for ``layer``.
 
         With ``layer=None`` returns all layers at once: ``A: (L, r, d_in)``, ``B: (L, d_out, r)``.
-        Public ranks come first, private ranks last.
+        Public ranks come first, private ranks last. ``B`` is the transposed view of a contiguous
+        ``(r, d_out)``: the gather's own layout, and the one ``x A^T B^T`` reads fastest.
         """
         sel = slice(None) if layer is None else layer
-        a_pub = _gather(self.pool_A, self.index_A[sel])
-        b_pub = _gather(self.pool_B, self.index_B[sel]).transpose(-1, -2)
-        a = torch.cat([a_pub, self.private_A[sel]], dim=-2)
-        b = torch.cat([b_pub, self.private_B[sel]], dim=-1)
-        return a, b
+        a = torch.cat([_gather(self.pool_A, self.index_A[sel]), self.private_A[sel]], dim=-2)
+        b_t = torch.cat([_gather(self.pool_B, self.index_B[sel]), self.private_B[sel].mT], dim=-2)
+        return a, b_t.mT
 
     def extra_repr(self) -> str:
         p = self.plan

@@ -171,12 +171,15 @@ class Route:
 
     def stacked(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a layer input of ``batch`` rows: ``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)``
-        (zero-padded ranks: exact), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
+        (zero-padded ranks: exact; ``b`` a view of a contiguous ``(G, r_max, d_out)``, which
+        the batched product reads about twice as fast), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
         if batch not in self._stacked:
             if self._factors is None:
                 rank = max(u.a.shape[0] for u in self.updates)
-                self._factors = (torch.stack([F.pad(u.a, (0, 0, 0, rank - u.a.shape[0])) for u in self.updates]),
-                                 torch.stack([F.pad(u.b, (0, rank - u.b.shape[1])) for u in self.updates]))
+                pad = (lambda t: t) if all(u.a.shape[0] == rank for u in self.updates) else \
+                    (lambda t: F.pad(t, (0, 0, 0, rank - t.shape[0])))  # a copy: only for mixed ranks
+                self._factors = (torch.stack([pad(u.a) for u in self.updates]),
+                                 torch.stack([pad(u.b.mT) for u in self.updates]).mT)
             per_update = [u.rows.positions(batch) for u in self.updates]
             m = max(len(p) for p in per_update)
             rows = [p + [0] * (m - len(p)) for p in per_update]
