@@ -28,9 +28,7 @@ import copy
 import gc
 import json
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +47,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from moslora.config import MoSConfig
 from moslora.model import get_mos_model
 from moslora.serving.multi import BASE, MultiAdapterModel
+
+from .servers import free_port, started
 
 WORDS = 124  # w0 .. w123, after 4 special tokens: 128 ids
 
@@ -77,12 +77,6 @@ def build_assets(root: Path, adapters: int) -> tuple[Path, Path]:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         model.save_pretrained(root / "adapters" / f"a{i}")
     return root / "base", root / "adapters"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def drive(url: str, names: list[str], args: argparse.Namespace) -> dict:
@@ -305,35 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = build_assets(Path(tmp), args.adapters)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "moslora.cli", "serve", "--base", str(base),
-                                   "--adapters", str(adapters), "--port", str(port)])
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, server, timeout=120)
-            result = asyncio.run(drive(url, [BASE] + [f"a{i}" for i in range(args.adapters)], args))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        command = [sys.executable, "-m", "moslora.cli", "serve", "--base", str(base), "--adapters", str(adapters)]
+        with started("moslora", command, {}, BASE, Path(tmp) / "server.log", timeout=120) as server:
+            result = asyncio.run(drive(server.url, [BASE] + [f"a{i}" for i in range(args.adapters)], args))
     result["config"] = vars(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("server_metrics", "config")}, indent=2))
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"the server at {url} was not healthy within {timeout} s")
 
 
 if __name__ == "__main__":

@@ -41,25 +41,22 @@ import copy
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
-import psutil
 
 from moslora import MoSConfig, export_peft_lora, get_mos_model
 from moslora.assets import default_model_path
 from moslora.config import default_targets
 
 from . import environment, write_json
-from .loadtest import free_port, wait_healthy
+from .servers import Server, started
 from .serving import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,81 +110,6 @@ def review_prompts(count: int, tokens: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    """One running server: its URL, the model names it serves, its process group."""
-
-    name: str
-    process: subprocess.Popen
-    url: str
-    base_model: str  # the name that selects the bare base
-    startup_seconds: float = 0.0
-    paused: bool = field(default=False, init=False)
-
-    def model(self, adapter: int | None) -> str:
-        return self.base_model if adapter is None else f"a{adapter}"
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:  # it has exited already
-            pass
-
-    def pause(self) -> None:
-        if not self.paused:
-            self.signal(signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        if self.paused:
-            self.signal(signal.SIGCONT)
-            self.paused = False
-            time.sleep(0.5)  # let its threads get going again before a round is timed
-
-    def idle_cpu(self, seconds: float = 3.0) -> float:
-        """CPU cores the server's process tree keeps busy while it serves nothing."""
-        self.resume()
-        procs = self._tree()
-        before = sum(sum(p.cpu_times()[:2]) for p in procs)
-        time.sleep(seconds)
-        used = sum(sum(p.cpu_times()[:2]) for p in procs) - before
-        self.pause()
-        return used / seconds
-
-    def _tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.process.pid)
-        return [root, *root.children(recursive=True)]
-
-    def rss_bytes(self) -> int:
-        """Resident bytes of the server's process tree (shared pages counted per process)."""
-        return sum(p.memory_info().rss for p in self._tree())
-
-
-@contextmanager
-def started(name: str, command: list[str], env: dict[str, str], base_model: str, log: Path,
-            timeout: float) -> Iterator[Server]:
-    """Start ``command`` in a new process group, wait for ``/health``, stop it (group) after."""
-    port = free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with log.open("w") as out:
-        process = subprocess.Popen([*command, "--port", str(port)], env={**os.environ, **env},
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(name, process, f"http://127.0.0.1:{port}", base_model)
-    try:
-        wait_healthy(server.url, process, timeout=timeout)
-        server.startup_seconds = time.monotonic() - start
-        yield server
-    finally:
-        server.resume()
-        server.signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.signal(signal.SIGKILL)
-            process.wait()
 
 
 def moslora_command(root: Path, base_dir: Path, batch: int) -> list[str]:
