@@ -88,7 +88,7 @@ class ShardPools(nn.Module):
 
         With ``layer=None`` returns all layers at once: ``A: (L, r, d_in)``, ``B: (L, d_out, r)``.
         Public ranks come first, private ranks last. ``B`` is the transposed view of a contiguous
-        ``(r, d_out)``: the gather's own layout, and the one ``x A^T B^T`` reads fastest.
+        ``(r, d_out)``: the gather's own layout, which ``(x A^T) B^T`` reads in order.
         """
         sel = slice(None) if layer is None else layer
         a = torch.cat([_gather(self.pool_A, self.index_A[sel]), self.private_A[sel]], dim=-2)

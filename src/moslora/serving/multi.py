@@ -171,13 +171,14 @@ class Route:
 
     def stacked(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a layer input of ``batch`` rows: ``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)``
-        (zero-padded ranks: exact; ``b`` a view of a contiguous ``(G, r_max, d_out)``, which
-        the batched product reads about twice as fast), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
+        (zero-padded ranks: exact; ``b`` a view of a contiguous ``(G, r_max, d_out)``, which the
+        second product reads in order), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
         if batch not in self._stacked:
             if self._factors is None:
                 rank = max(u.a.shape[0] for u in self.updates)
-                pad = (lambda t: t) if all(u.a.shape[0] == rank for u in self.updates) else \
-                    (lambda t: F.pad(t, (0, 0, 0, rank - t.shape[0])))  # a copy: only for mixed ranks
+                def pad(t: Tensor) -> Tensor:  # (r, d) -> (rank, d); F.pad copies, so only when short
+                    return t if t.shape[0] == rank else F.pad(t, (0, 0, 0, rank - t.shape[0]))
+
                 self._factors = (torch.stack([pad(u.a) for u in self.updates]),
                                  torch.stack([pad(u.b.mT) for u in self.updates]).mT)
             per_update = [u.rows.positions(batch) for u in self.updates]
