@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import math
 import os
 import random
 import statistics
@@ -198,11 +197,10 @@ def summarize(rounds: dict[str, list[dict[str, Any]]], count: int, servers: list
 
 
 def lora_bytes(peft_dir: Path) -> int:
-    """Bytes of one exported adapter's tensors (fp32, rank ``r``), from its safetensors header."""
-    from safetensors import safe_open
+    """Bytes of one exported adapter's tensors, as loaded (in whatever dtype it was exported)."""
+    from safetensors.torch import load_file
 
-    with safe_open(peft_dir / "adapter_model.safetensors", "pt") as f:
-        return 4 * sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return sum(t.numel() * t.element_size() for t in load_file(peft_dir / "adapter_model.safetensors").values())
 
 
 def memory_row(servers: list[Server], count: int, peft: Path, slots: int) -> dict[str, Any]:
