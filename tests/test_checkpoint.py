@@ -52,6 +52,27 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, tokens, make_base, 
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == sorted(targets)
 
 
+def test_export_refuses_a_non_empty_folder_unless_told_and_never_an_mos_adapter(saved, tmp_path):
+    path, _ = saved
+    model = MoSModel.from_pretrained(tiny_llama(), path)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        export_peft_lora(model, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    export_peft_lora(model, out, overwrite=True)
+    assert (out / CONFIG_NAME).is_file() and not (out / "notes.txt").exists()
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds an MoS adapter"):
+            export_peft_lora(model, path, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        export_peft_lora(model, tmp_path / "a-file", overwrite=True)
+
+
 def test_save_over_existing_keeps_other_files(saved, tmp_path):
     path, _ = saved
     (path / "README.md").write_text("my notes")

@@ -96,19 +96,31 @@ def test_merge_never_overwrites_a_model(saved_base_and_adapter, tmp_path):
     assert (base / "model.safetensors").is_file()
 
 
-def test_export_peft_never_overwrites_an_adapter_without_overwrite(saved_base_and_adapter, tmp_path):
+def test_export_peft_never_replaces_an_mos_adapter(saved_base_and_adapter, tmp_path):
     base, adapter, _ = saved_base_and_adapter
     other = tmp_path / "other"
     shutil.copytree(adapter, other)
     before = {p.name: p.read_bytes() for p in other.iterdir()}
-    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base)])
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base), *extra])
+        assert result.exit_code == 2, result.output
+        assert "holds an MoS adapter" in flat(result.output)
+        assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # the MoS adapter is intact
+
+
+def test_export_peft_replaces_a_non_empty_folder_only_with_overwrite(saved_base_and_adapter, tmp_path):
+    base, adapter, _ = saved_base_and_adapter
+    out = tmp_path / "old-export"
+    out.mkdir()
+    (out / "notes.txt").write_text("an older export")
+    result = runner.invoke(app, ["export-peft", str(adapter), str(out), "--model", str(base)])
     assert result.exit_code == 2, result.output
     assert "already exists and is not empty; pass --overwrite" in flat(result.output)
-    assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # the MoS adapter is intact
-    result = runner.invoke(app, ["export-peft", str(adapter), str(other), "--model", str(base),
-                                 "--overwrite"])
+    assert (out / "notes.txt").read_text() == "an older export"
+    result = runner.invoke(app, ["export-peft", str(adapter), str(out), "--model", str(base), "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert "peft_type" in json.loads((other / "adapter_config.json").read_text())
+    assert "peft_type" in json.loads((out / "adapter_config.json").read_text())
+    assert not (out / "notes.txt").exists()
 
 
 def test_merge_with_overwrite_replaces_the_whole_model(saved_base_and_adapter, tmp_path):
@@ -318,6 +330,22 @@ def test_every_option_has_help():
                for param in command.params
                if not getattr(param, "hidden", False) and not (getattr(param, "help", None) or "").strip()]
     assert not missing, missing
+
+
+def test_every_help_text_is_shown_whole_under_h():
+    """Rich markup eats ``[...]`` in help strings: each option's help must survive ``-h``."""
+    import re
+
+    import typer.main
+
+    def words(text: str) -> str:
+        return " ".join(re.sub(r"[\u2500-\u257f│]", " ", text).split())
+
+    for path, command in _commands(typer.main.get_command(app)):
+        shown = words(runner.invoke(app, [*path, "-h"], env={"COLUMNS": "400"}).output)
+        for param in command.params:
+            if getattr(param, "help", None) and not getattr(param, "hidden", False):
+                assert words(param.help) in shown, f"{' '.join(path)} --{param.name}: {param.help!r}"
 
 
 def test_version_and_short_help():

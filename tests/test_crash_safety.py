@@ -49,7 +49,7 @@ for line in sys.stdin:
     if pid == 0:  # the writer: save A, B, A, B ... until killed
         order = models if first == "A" else models[::-1]
         for m in itertools.cycle(order):
-            m.save_pretrained(target) if mode == "save" else export_peft_lora(m, target)
+            m.save_pretrained(target) if mode == "save" else export_peft_lora(m, target, overwrite=True)
     print(pid, flush=True)
     os.waitpid(pid, 0)
     print("reaped", flush=True)

@@ -141,5 +141,20 @@ def test_wikidata_errors_say_what_to_do(fake_sdist, tmp_path, monkeypatch):
         load_task("wikidata:140", scorer=known_if_even)  # 150 unknown, 140 + 140 wanted
     monkeypatch.setenv("MOSLORA_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("MOSLORA_BIGBENCH_SDIST", str(tmp_path / "nowhere.tar.gz"))
-    with pytest.raises(FileNotFoundError, match="pip download --no-deps bigbench==1.0.0"):
+    with pytest.raises(FileNotFoundError, match="bigbench==1.0.0, an optional asset.*MOSLORA_BIGBENCH_SDIST"):
         load_task("wikidata:10", scorer=known_if_even)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_without_the_optional_sdist_the_cli_says_why_in_one_line(tmp_path, monkeypatch, command):
+    from typer.testing import CliRunner
+
+    from moslora.cli import app
+
+    monkeypatch.setenv("MOSLORA_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("MOSLORA_BIGBENCH_SDIST", str(tmp_path / "nowhere.tar.gz"))
+    args = [command, "--task", "wikidata:10"] + (["--output-dir", str(tmp_path / "out")] if command == "train" else [])
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "the wikidata task is unavailable" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -80,7 +80,7 @@ def build_adapters(build: Path) -> dict[str, Path]:
         train(adapter_config(run_dir))
     model = MoSModel.from_pretrained(load_base(None, bf16=False)[0], run_dir / "adapter")
     paths = {"mos": run_dir / "adapter", "peft": build / "peft-adapter", "gguf": build / "adapter.gguf"}
-    export_peft_lora(model, paths["peft"])
+    export_peft_lora(model, paths["peft"], overwrite=True)
     export_gguf(model, paths["gguf"], overwrite=True)
     return paths
 

@@ -303,13 +303,17 @@ def lora_factors(model: Adapted, dtype: torch.dtype | None = None) -> dict[str, 
     return factors
 
 
-def export_peft_lora(model: Adapted, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_peft_lora(model: Adapted, out_dir: str | Path, dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
     """Materialize every layer's ``A, B`` into a standard PEFT LoRA directory of rank ``r``.
 
     The result loads with ``peft.PeftModel.from_pretrained(base, out_dir)`` (and so in vLLM,
     LoRAX or TGI); it is dense, ``L · r · (d_in + d_out)`` per kind, so keep the MoS
-    directory as the compact copy. Returns ``out_dir``.
+    directory as the compact copy. ``out_dir`` must be new or empty unless ``overwrite``
+    (then it is replaced whole), and is never an MoS adapter (see ``check_new_directory``).
+    Returns ``out_dir``.
     """
+    check_new_directory(out_dir, overwrite)
     tensors: dict[str, Tensor] = {}
     for name, (a, b) in lora_factors(model, dtype).items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
@@ -331,10 +335,39 @@ def export_peft_lora(model: Adapted, out_dir: str | Path, dtype: torch.dtype | N
         "inference_mode": True,
     }
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    # keep_others=False: a replaced export must not keep the old one's files
+    with atomic_directory(out_dir, keep_others=False) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
     return out_dir
+
+
+def check_new_directory(path: str | Path, overwrite: bool = False) -> None:
+    """Raise unless a derived artefact (a PEFT export, a merged model) may be written to ``path``.
+
+    ``path`` must be absent or empty, or ``overwrite`` set; an MoS adapter there is never
+    replaced, ``overwrite`` or not: it is the compact original the artefact was made from.
+    ``NotADirectoryError`` for a file, ``FileExistsError`` otherwise.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if _is_mos_adapter(path):
+        raise FileExistsError(f"{path} holds an MoS adapter, which an export or merge never "
+                              "replaces (not even with overwrite): choose a new path")
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True "
+                              "(--overwrite) to replace it, or choose a new path")
+
+
+def _is_mos_adapter(path: Path) -> bool:
+    try:
+        header = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
 
 
 def _peft_targets(model: Adapted) -> list[str]:

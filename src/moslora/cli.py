@@ -125,6 +125,12 @@ def _default_targets() -> str:
     return targets if isinstance(targets, str) else ",".join(targets)
 
 
+# parentheses, not brackets: rich reads "[...]" in a help text as markup and drops it
+_ADAPTER_BASE = typer.Option(None, "--model", callback=_model,
+                             help="the adapter's base model (default: the one it records, else the "
+                                  "embedded SmolLM2)")
+
+
 @app.command()
 def train(
     task: str = typer.Option(_default("task"),
@@ -170,10 +176,10 @@ def train(
                                         help="gradient clipping norm"),
     eval_steps: int = typer.Option(_default("eval_steps"), min=1, help="evaluate every N steps"),
     save_steps: Optional[int] = typer.Option(None, min=1, help="checkpoint every N steps, a multiple "
-                                                              "of --eval-steps [default: --eval-steps]"),
+                                                              "of --eval-steps (default: --eval-steps)"),
     logging_steps: int = typer.Option(_default("logging_steps"), min=1,
                                       help="log (and show) the training loss every N steps"),
-    train_examples: Optional[int] = typer.Option(None, min=1, help="cap on training examples [default: all]"),
+    train_examples: Optional[int] = typer.Option(None, min=1, help="cap on training examples (default: all)"),
     eval_examples: int = typer.Option(_default("eval_examples"), min=1,
                                       help="validation examples scored at each evaluation"),
     test_examples: int = typer.Option(_default("test_examples"), min=1,
@@ -183,7 +189,7 @@ def train(
                              help="seeds the splits, the routing and the training"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="compute in bfloat16 (needs a GPU that supports it) "
-                                             "[default: when supported]"),
+                                             "(default: when supported)"),
     gradient_checkpointing: bool = typer.Option(_default("gradient_checkpointing"),
                                                 help="recompute activations to save memory"),
     load_in_4bit: bool = typer.Option(_default("load_in_4bit"), help="NF4 base (bitsandbytes), QLoRA style"),
@@ -214,9 +220,7 @@ def train(
 @app.command("eval")
 def evaluate_cmd(
     task: str = typer.Option(_default("task"), callback=_task, help="task name or .jsonl/.csv file"),
-    model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="base model [default: the adapter's recorded base, else "
-                                             "the embedded SmolLM2]"),
+    model: Optional[str] = _ADAPTER_BASE,
     adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
                                            help="an MoS adapter or exported PEFT LoRA directory"),
     examples: int = typer.Option(_default("test_examples"), min=1, help="test examples to score"),
@@ -250,10 +254,8 @@ def generate(
     prompt: str = typer.Option(..., help="the user's message (sent through the chat template)"),
     adapter: Optional[Path] = typer.Option(None, **_ADAPTER_DIR,
                                            help="an MoS adapter or exported PEFT LoRA directory "
-                                                "[default: none, the base alone]"),
-    model: Optional[str] = typer.Option(None, callback=_model,
-                                        help="base model [default: the adapter's recorded base, else "
-                                             "the embedded SmolLM2]"),
+                                                "(default: none, the base alone)"),
+    model: Optional[str] = _ADAPTER_BASE,
     max_new_tokens: int = typer.Option(64, min=1, max=4096, help="tokens to generate at most"),
 ) -> None:
     """Answer one prompt with a base model and, optionally, an adapter (greedy decoding)."""
@@ -410,19 +412,17 @@ def _dtype(value: str) -> str:
 
 
 def _check_new_directory(path: Path, overwrite: bool) -> None:
-    """Refuse to write into a non-empty directory (an adapter, a model) unless ``--overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise typer.BadParameter(f"{path} exists and is not a directory", param_hint="'out_dir'")
-    if not overwrite and path.is_dir() and any(path.iterdir()):
-        raise typer.BadParameter(f"{path} already exists and is not empty; pass --overwrite to "
-                                 "replace it, or choose a new path", param_hint="'out_dir'")
+    """``checkpoint.check_new_directory`` as a usage error, before any model is loaded."""
+    from .checkpoint import check_new_directory
+
+    try:
+        check_new_directory(path, overwrite)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise typer.BadParameter(str(err).replace("overwrite=True (--overwrite)", "--overwrite"),
+                                 param_hint="'out_dir'") from None
 
 
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace OUT_DIR if it already holds files")
-# parentheses, not brackets: rich reads "[...]" in a help text as markup and drops it
-_ADAPTER_BASE = typer.Option(None, "--model", callback=_model,
-                             help="the adapter's base model (default: the one it records, else the "
-                                  "embedded SmolLM2)")
 
 
 @app.command()
@@ -462,7 +462,7 @@ def export_peft(
 
     _check_new_directory(out_dir, overwrite)
     mos, _ = _load_mos(adapter, model)
-    export_peft_lora(mos, out_dir)
+    export_peft_lora(mos, out_dir, overwrite=overwrite)
     typer.echo(f"wrote {out_dir}")
 
 

@@ -98,7 +98,7 @@ def run_selfcheck(steps: int = 30, console: Console | None = None) -> dict[str, 
             model.save_pretrained(mos_dir)
             reloaded = MoSModel.from_pretrained(copy.deepcopy(pristine), mos_dir)
             reload_diff = (reloaded(probe).logits - logits).abs().max().item()
-            export_peft_lora(model, peft_dir)
+            export_peft_lora(model, peft_dir, overwrite=True)
             from peft import PeftModel
 
             peft_model = PeftModel.from_pretrained(copy.deepcopy(pristine), peft_dir).eval()
@@ -153,7 +153,7 @@ def run_finetune_demo(steps: int = TrainConfig.max_steps, test_examples: int = T
 
     # export to PEFT and check that a fresh base + PEFT gives the MoS model's logits
     peft_dir = Path(output_dir) / "adapter-peft"
-    export_peft_lora(model, peft_dir)
+    export_peft_lora(model, peft_dir, overwrite=True)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(pristine, peft_dir).eval()

@@ -78,19 +78,33 @@ def bigbench_sdist() -> Path:
     return Path(override) if override else Path(sys.prefix) / "share" / "moslora" / BIGBENCH_SDIST
 
 
+def wikidata_unavailable() -> str | None:
+    """Why the wikidata task cannot load on this machine, or None when it can.
+
+    It needs BIG-bench's sdist, an optional asset that the registry no longer serves, or the
+    pairs a machine that had it extracted into the cache."""
+    if _wikidata_cache().is_file() or bigbench_sdist().is_file():
+        return None
+    return (f"the wikidata task is unavailable: it needs {BIGBENCH_SDIST} (bigbench==1.0.0, an "
+            "optional asset the package registry no longer serves, so set-up skipped it), not found "
+            f"at {bigbench_sdist()}; set MOSLORA_BIGBENCH_SDIST to a copy, or use facts:N")
+
+
+def _wikidata_cache() -> Path:
+    return cache_dir() / "qa_wikidata.json"
+
+
 def wikidata_facts() -> list[tuple[str, str]]:
     """Every qa_wikidata fact with a single answer, as (prompt, " answer"), in file order.
 
     Read once out of the sdist (a 358 MB archive, ~10 s) and cached as plain pairs in the
-    moslora cache folder."""
-    cached = cache_dir() / "qa_wikidata.json"
+    moslora cache folder. Raises ``FileNotFoundError`` when neither is there."""
+    cached = _wikidata_cache()
     if not cached.is_file():
+        reason = wikidata_unavailable()
+        if reason:
+            raise FileNotFoundError(reason)
         sdist = bigbench_sdist()
-        if not sdist.is_file():
-            raise FileNotFoundError(
-                f"the wikidata task reads BIG-bench's qa_wikidata out of {sdist}, which is not "
-                f"there: run `python -m pip download --no-deps bigbench==1.0.0 -d {sdist.parent}` "
-                "(make setup does), or point MOSLORA_BIGBENCH_SDIST at the file")
         with tarfile.open(sdist, "r:gz") as archive:
             member = archive.extractfile(_WIKIDATA_MEMBER)
             if member is None:

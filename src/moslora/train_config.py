@@ -17,7 +17,8 @@ from .assets import DEFAULT_MODEL_NAMES
 from .base import bf16_supported
 from .config import (MAX_SEED, ConfigError, MoSConfig, default_targets, require_bool, require_choice, require_float,
                      require_int)
-from .tasks import MEMORIZATION_TASKS, TASKS
+from . import memorization
+from .tasks import MEMORIZATION_TASKS, TASKS, needs_base
 
 Method = Literal["mos", "lora"]
 MIN_LENGTH = 8  # max_length: room for a short prompt and its answer
@@ -139,7 +140,12 @@ def check_task(task: Any) -> None:
     if isinstance(task, str) and task in TASKS:
         return
     if isinstance(task, str) and task.partition(":")[0] in MEMORIZATION_TASKS:
-        return  # its size is checked when the task loads, before the model does
+        # its size is checked when the task loads, before the model does; an optional asset
+        # that set-up could not have is said here, before anything loads
+        reason = memorization.wikidata_unavailable() if needs_base(task) else None
+        if reason:
+            raise ConfigError("task", reason)
+        return
     names = " | ".join([*TASKS, *(f"{k}:N" for k in MEMORIZATION_TASKS)])
     check_data_file("task", task, f"task must be one of {names} or a .jsonl / .csv file")
 
