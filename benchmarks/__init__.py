@@ -10,6 +10,7 @@ and the random Llama they measure on.
     python benchmarks/interop/run.py         the exports in vLLM and llama.cpp (make interop)
     python -m benchmarks.report              plots and the README's Results section
     python -m benchmarks.capacity_pilot      the pilot that chose the capacity track's regime
+    python -m benchmarks.capacity_model      bits per parameter on a frozen random Llama (make bench-capacity-model)
 
 Each writes JSON and PNG under results/. They run from a checkout (the package is not
 installed with moslora) and import the library as any user would.

@@ -96,6 +96,8 @@ def headline(track: dict[str, Any]) -> dict[str, Any]:
     lora = [r for r in rows if r["adapter"]["method"] == "lora"]
     for e in spec["budgets"]:
         low, high = find(rows, "lora", e, e), find(rows, "lora", 8 * e, 8 * e)
+        if low is None or high is None:  # a suite still under way
+            continue
         entry: dict[str, Any] = {"lora_gap": {m: paired_gap(low, high, m) for m in metrics}, "mos": []}
         for mos in (r for r in rows if r["adapter"]["method"] == "mos" and r["adapter"]["budget"] == e
                     and not r["adapter"]["tag"]):
@@ -104,17 +106,20 @@ def headline(track: dict[str, Any]) -> dict[str, Any]:
                 "recovery": {m: bootstrap(recovery, [mos, low, high], m) for m in metrics},
                 "worth": {m: bootstrap(worth(lora, mos["adapter_params"], m), [mos], m) for m in metrics}})
         out["budgets"][e] = entry
-    ablated = next(r["adapter"] for r in rows if r["adapter"]["tag"])  # its untagged twin is "full"
-    full = find(rows, "mos", ablated["budget"], ablated["rank"])
-    out["ablation"] = {"full": full["label"], "deltas": {
-        r["adapter"]["tag"]: {"params": r["adapter_params"],
-                              **{m: bootstrap(lambda v, f: v - f, [r, full], m) for m in metrics}}
-        for r in rows if r["adapter"]["tag"]}}
+    ablated = next((r["adapter"] for r in rows if r["adapter"]["tag"]), None)  # its untagged twin is "full"
+    full = ablated and find(rows, "mos", ablated["budget"], ablated["rank"])
+    if full:
+        out["ablation"] = {"full": full["label"], "deltas": {
+            r["adapter"]["tag"]: {"params": r["adapter_params"],
+                                  **{m: bootstrap(lambda v, f: v - f, [r, full], m) for m in metrics}}
+            for r in rows if r["adapter"]["tag"]}}
     sizes = {task: track["tasks"][task]["results"] for task in [first, *others]}
     e = spec["budgets"][0]
     for task, task_rows in sorted(sizes.items(), key=lambda kv: int(kv[0].partition(":")[2] or 0)):
         low, high = find(task_rows, "lora", e, e), find(task_rows, "lora", 8 * e, 8 * e)
         mos = find(task_rows, "mos", e, 8 * e)
+        if None in (low, high, mos):
+            continue
         out["low_data"][task] = {
             "lora_e": {m: low[m] for m in metrics}, "lora_8e": {m: high[m] for m in metrics},
             "mos": {m: mos[m] for m in metrics},
@@ -211,4 +216,82 @@ def plot_capacity(track: dict[str, Any], path: Path) -> None:
     ax.set_title("low-data curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------ the capacity model's suite
+
+def _model_track(axis: dict[str, Any]) -> dict[str, Any]:
+    """One axis of ``capacity_model.json`` in the shape ``headline`` reads."""
+    return {"spec": axis["spec"], "tasks": {axis["spec"]["tasks"][0]: {"results": axis["results"]}}}
+
+
+def per_param(row: Row) -> dict[str, float]:
+    """Bits stored per trainable parameter, with its 95 % bootstrap interval over seeds."""
+    return bootstrap(lambda bits: bits / row["adapter_params"], [row], "bits")
+
+
+def _rate(rates: dict[str, Any], row: Row, layers: int) -> str:
+    """The row's learning rate, marked † when its sweep's best is still at the grid's edge."""
+    from .capacity_model import probe
+    from .quality import Adapter
+
+    swept = rates[probe(Adapter(**row["adapter"]), layers).label]
+    return f"{row['lr']:.1e}" + ("†" if swept["at_edge"] else "")
+
+
+def model_markdown(result: dict[str, Any]) -> str:
+    """The README's capacity-model section: per axis the headline, then every setting's row."""
+    model, axes = result["model"], result["axes"]
+    first = next(iter(axes.values()))
+    task, seeds = first["spec"]["tasks"][0], first["spec"]["seeds"]
+    facts = int(task.partition(":")[2])
+    total = facts * 3 * math.log2(99)
+    lines = [f"**capacity model · {task}** (a frozen random Llama, {model['layers']} blocks of width "
+             f"{model['hidden']}, MLP {model['ffn']}, weights ~ N(0, {model['init_range']}); adapters on "
+             f"{', '.join(model['targets'])}; batch {first['spec']['batch_size']}; {seeds} seeds paired by "
+             f"data order; every setting's learning rate from its own sweep per axis, † = still at the "
+             f"grid's edge; the facts hold {total:,.0f} bits; "
+             f"{result['runs']} runs, {result['run_seconds'] / 60:.0f} min of run time)", ""]
+    for name, axis in axes.items():
+        rows = axis["results"]
+        h = headline(_model_track(axis))
+        lines += [f"**{name}** ({axis['epochs']:g} epochs = {axis['steps']:,} steps):", ""]
+        for e, entry in h["budgets"].items():
+            gap = entry["lora_gap"]
+            lines.append(f"- e = {e}: LoRA@{8 * int(e)} − LoRA@{e} = {gap['bits']['mean']:+,.0f} bits "
+                         f"({gap['bits']['z']:.1f} paired SE), exact match {gap['accuracy']['mean']:+.3f}")
+            for mos in entry["mos"]:
+                lines.append(f"  - {mos['label']}: gap recovered {_ci(mos['recovery']['bits'])} (bits), "
+                             f"{_ci(mos['recovery']['accuracy'])} (exact match); worth LoRA at "
+                             f"{_k(mos['worth']['bits'])} its parameters (bits)")
+        if h.get("ablation"):
+            lines.append(f"- ablation of {h['ablation']['full']} (Δ bits vs full, 95 % interval): " + "; ".join(
+                f"{tag} {_ci(d['bits'], 0)}" for tag, d in h["ablation"]["deltas"].items()))
+        lines += ["", "| setting | params | lr | exact match | bits stored | bits / param [95 %] |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["adapter"]["method"] != "lora", r["adapter_params"], r["label"])):
+            lines.append(f"| {r['label']} | {r['adapter_params']:,} | {_rate(axis['learning_rates'], r, model['layers'])} "
+                         f"| {_pmstat(r['accuracy'])} | {_pmstat(r['bits'], 0)} | {_ci(per_param(r), 3)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_capacity_model(result: dict[str, Any], path: Path) -> None:
+    """Per axis: bits stored, and bits per parameter, vs trainable parameters (log x)."""
+    axes_data = result["axes"]
+    fig, axes = plt.subplots(2, len(axes_data), figsize=(5.5 * len(axes_data), 8.4), squeeze=False)
+    for column, (name, axis) in enumerate(axes_data.items()):
+        rows = [{**r, "bits_per_param": {k: v / r["adapter_params"] for k, v in r["bits"].items()}}
+                for r in axis["results"]]
+        facts = int(axis["spec"]["tasks"][0].partition(":")[2])
+        top, bottom = axes[0][column], axes[1][column]
+        top.axhline(facts * 3 * math.log2(99), color="tab:gray", linestyle="--", label="all the facts' bits")
+        top.axhline(0, color="tab:gray", linestyle=":", label="chance")
+        draw_methods(top, rows, "bits")
+        draw_methods(bottom, rows, "bits_per_param")
+        top.set_title(f"capacity model · {name} ({axis['epochs']:g} epochs)")
+        top.set_ylabel("bits stored (mean ± std)")
+        bottom.set_ylabel("bits per trainable parameter")
+        bottom.set_xlabel("trainable adapter parameters")
     save_figure(fig, path)

@@ -421,6 +421,10 @@ def _autocast(enabled: bool):
 
 
 def load_track(spec: TrackSpec) -> Track:
+    if spec.name == "capacity-model":  # its own module, which builds on this one
+        from .capacity_model import ModelCapacityTrack
+
+        return ModelCapacityTrack(spec)
     return {"encoder": EncoderTrack, "llm": LLMTrack, "capacity": CapacityTrack}[spec.name](spec)
 
 

@@ -108,6 +108,12 @@ def results_markdown(results_dir: Path) -> str:
 
         parts += ["### Capacity: where rank matters", "", capacity_markdown(capacity),
                   "![capacity](results/capacity.png)", ""]
+    model = read_json(results_dir / "capacity_model.json")
+    if model:
+        from .capacity import model_markdown
+
+        parts += ["### The capacity model: bits per parameter at equal steps and at convergence", "",
+                  model_markdown(model), "![capacity model](results/capacity_model.png)", ""]
     ablation = read_json(results_dir / "ablation.json")
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
@@ -133,6 +139,11 @@ def write_report(results_dir: Path = Path("results"), readme: Path = Path("READM
         from .capacity import plot_capacity
 
         plot_capacity(capacity, results_dir / "capacity.png")
+    model = read_json(results_dir / "capacity_model.json")
+    if model:
+        from .capacity import plot_capacity_model
+
+        plot_capacity_model(model, results_dir / "capacity_model.png")
     text = readme.read_text()
     body = f"{START}\n{results_markdown(results_dir)}{END}"
     if START in text and END in text:

@@ -1,0 +1,256 @@
+"""The capacity model: does MoS hold LoRA@8e's information at LoRA@e's parameters, once
+training has stopped improving?
+
+SmolLM2 cannot reach convergence on thousands of facts on 2 cores (the capacity track's 256
+facts at 8 epochs measure learning speed). Here the base is a frozen, seeded random-init
+``LlamaForCausalLM`` of 0.2 M parameters (no download) with a word-level tokenizer over the
+facts' words, so a fact is 7 tokens: ``<s> Kavo Rilen : apple river stone``. Every setting
+trains on the same 512 facts along two axes, each with its own learning-rate sweep:
+
+  equal steps   ``AXES["equal steps"]`` epochs: learning speed, the SmolLM2 track's regime
+  convergence   ``AXES["convergence"]`` epochs: what each adapter can hold
+
+and reports bits stored per trainable parameter (``memorization.metrics``; chance = ln 99
+nats per answer token), gap recovery and "worth LoRA at k×" (``capacity.headline``), with
+paired-bootstrap intervals over 5 seeds.
+
+Why this model: weights drawn at ``INIT_RANGE`` (HF's 0.02 leaves a frozen random model
+unable to give confident logits through any adapter: the loss stayed near ln(vocab) in a
+pilot); ``LAYERS`` = 16 blocks so that MoS's pools are shared widely enough for subset
+selection to reach r = 8e at e = 2 with a private rank (r <= p + (e - p)·L); only
+``down_proj`` adapted (3,072 LoRA parameters per rank), so that LoRA@2 is capacity-limited on
+512 facts (10,190 bits) while LoRA@16 is not, and a step costs ~50 ms on one core.
+
+Learning rates bracket the optimum (``bracket``): per family and budget, a grid of
+``GRID`` × the family's start, 2x apart, swept on seed 0 and extended by one point beyond
+whichever end holds the lowest validation loss until the best is interior (at most
+``MAX_EXTENSIONS`` times; the JSON says when a rate is still at an edge). MoS's ranks and
+ablation variants at one budget use the rate swept for MoS at r = 8e there; LoRA is swept at
+every rank (each rank is its own budget).
+
+    python -m benchmarks.capacity_model [--quick] [--results DIR] [--workers N]
+
+Finished runs go to ``results/runs.jsonl`` (the suite's run cache), the summary to
+``results/capacity_model.json``; an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from moslora import memorization
+
+from . import environment, write_json
+from .quality import (Adapter, CapacityTrack, Runner, TrackSpec, _positive, _progress, _run_spec, _runner,
+                      _suite_dir, ablations, lowest_loss, mos_rank, summarize)
+
+LAYERS, HIDDEN, FFN, HEADS = 16, 64, 128, 4
+INIT_RANGE = 0.15
+TARGETS = ["down_proj"]
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+
+SPEC = TrackSpec("capacity-model", ("facts:512",), budgets=(2, 4, 8), seeds=5, steps=0, batch_size=64,
+                 max_length=16, eval_examples=512, test_examples=512, epochs=256.0, sweep_on="loss")
+AXES = {"equal steps": 32.0, "convergence": 256.0}  # epochs; 8 steps each at batch 64
+# the sweep: start x these (2x apart), extended beyond an edge until the best is interior
+LR_START = {"lora": 1e-2, "mos": 1e-2, "vera": 4e-2, "vblora": 1e-2}
+GRID = (0.25, 0.5, 1.0, 2.0)
+MAX_EXTENSIONS = 3
+
+
+# ------------------------------------------------------------------------------- the model
+
+@lru_cache(maxsize=4)
+def word_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of ``facts(size)`` (names, ``:``, every answer
+    word), putting ``<s>`` in front so a fact's first name token has a fixed left context."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = {w for prompt, answer in memorization.facts(size) for w, _ in split(prompt + answer)}
+    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(sorted(words | set(memorization.WORDS))))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def capacity_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """The frozen random base: ``LAYERS`` blocks of width ``HIDDEN``, weights ~ N(0, INIT_RANGE)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, vocab_size=vocab, initializer_range=INIT_RANGE,
+        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager"))  # eager: SDPA's CPU kernel was a quarter of a 7-token step
+    return model.requires_grad_(False).eval()
+
+
+class ModelCapacityTrack(CapacityTrack):
+    """The capacity track's runs (``quality.train_and_evaluate``) on the capacity model."""
+
+    def __init__(self, spec: TrackSpec) -> None:
+        size = max(int(t.partition(":")[2]) for t in spec.tasks)  # facts(n) is a prefix of facts(size)
+        self.spec, self.targets, self.layers = spec, list(TARGETS), LAYERS
+        self.tokenizer = word_tokenizer(size)
+        self.base = capacity_model(len(self.tokenizer))
+
+
+# ------------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Group:
+    """Settings run together, in the order of what the verdict needs first."""
+
+    name: str
+    adapters: tuple[Adapter, ...]
+
+
+def plan(budgets: tuple[int, ...], layers: int) -> list[Group]:
+    """LoRA at every rank from 1 to 8·max(e); MoS at e with r = 4e and 8e (p = 1); VeRA,
+    VB-LoRA and the ablation at the smallest budget. The smallest budget's settings first."""
+    e = budgets[0]
+    lora = [Adapter("lora", r, rank=r) for r in sorted({1} | {k * b for b in budgets for k in (1, 2, 4, 8)})]
+    mos = {b: [Adapter("mos", b, rank=mos_rank(b, layers, 1, k * b), private=1) for k in (4, 8)] for b in budgets}
+    first = [a for a in lora if a.rank <= 8 * e] + mos[e]
+    groups = [Group(f"e={e}", tuple(first)),
+              Group("other methods and ablation", (Adapter("vera", e), Adapter("vblora", e),
+                                                   *[a for a in ablations(e, mos[e][-1].rank) if a.tag]))]
+    rest = [a for a in lora if a not in first] + [a for b in budgets[1:] for a in mos[b]]
+    return groups + ([Group("larger budgets", tuple(rest))] if rest else [])
+
+
+def probe(adapter: Adapter, layers: int) -> Adapter:
+    """The setting whose sweep gives ``adapter`` its rate: itself for LoRA (each rank is a
+    budget), VeRA and VB-LoRA; MoS at r = 8e with p = 1 for every MoS setting at budget e."""
+    if adapter.method != "mos":
+        return adapter
+    return Adapter("mos", adapter.budget, rank=mos_rank(adapter.budget, layers, 1, 8 * adapter.budget), private=1)
+
+
+def bracket(spec: TrackSpec, task: str, probes: list[Adapter], runner: Runner,
+            grid: tuple[float, ...] = GRID) -> dict[Adapter, dict[str, Any]]:
+    """Per probe: its grid of rates with the seed-0 validation loss, the lowest-loss rate, and
+    whether it is still at an edge after ``MAX_EXTENSIONS`` extensions (all probes advance
+    together, so the runs of one round train side by side)."""
+    rates = {p: [LR_START[p.family] * f for f in grid] for p in probes}
+    for round_ in range(MAX_EXTENSIONS + 1):
+        runs = [_run_spec(spec, task, p, lr, 0) for p in probes for lr in rates[p]]
+        loss = {r["key"]: r["val_loss"] for r in runner.run_all(spec, runs)}
+        scores = {p: {lr: loss[_run_spec(spec, task, p, lr, 0).key] for lr in rates[p]} for p in probes}
+        edges = {p: _edge(scores[p]) for p in probes}
+        if round_ == MAX_EXTENSIONS or not any(edges.values()):
+            break
+        for p, edge in edges.items():
+            if edge == "low":
+                rates[p].insert(0, rates[p][0] / 2)
+            elif edge == "high":
+                rates[p].append(rates[p][-1] * 2)
+    return {p: {"probe": p.label, "grid": scores[p], "lr": lowest_loss(scores[p]), "at_edge": edges[p] or "",
+                "sweep_runs": len(scores[p])} for p in probes}
+
+
+def _edge(scores: dict[float, float]) -> str | None:
+    """"low" or "high" when the lowest loss is at that end of the grid, else None. A grid whose
+    every rate diverged is at its high edge (go lower)."""
+    if all(math.isnan(s) for s in scores.values()):
+        return "low"
+    best = lowest_loss(scores)
+    return "low" if best == min(scores) else "high" if best == max(scores) else None
+
+
+def run_axis(spec: TrackSpec, groups: list[Group], runner: Runner,
+             saved: Callable[[dict[str, Any]], None] = lambda axis: None) -> dict[str, Any]:
+    """Every group's sweep then seeds, in order; returns the axis' rows and rates, handing
+    the axis so far to ``saved`` after each group (a long suite is readable part-way)."""
+    task = spec.tasks[0]
+    rows, rates = [], {}
+    axis: dict[str, Any] = {}
+    for group in groups:
+        probes = list(dict.fromkeys(probe(a, LAYERS) for a in group.adapters))
+        found = bracket(spec, task, [p for p in probes if p.label not in rates], runner)
+        rates.update({p.label: r for p, r in found.items()})
+        runs = [[_run_spec(spec, task, a, rates[probe(a, LAYERS).label]["lr"], s)
+                 for s in range(spec.seeds)] for a in group.adapters]
+        records = {r["key"]: r for r in runner.run_all(spec, [run for row in runs for run in row])}
+        rows += [summarize([records[run.key] for run in row]) for row in runs]
+        axis = {"spec": asdict(spec), "steps": _steps(spec), "learning_rates": rates, "results": rows,
+                "groups_done": [g.name for g in groups[:groups.index(group) + 1]]}
+        saved(axis)
+    return axis
+
+
+def _steps(spec: TrackSpec) -> int:
+    size = int(spec.tasks[0].partition(":")[2])
+    return max(1, round(spec.epochs * size / spec.batch_size))
+
+
+def quick_spec() -> TrackSpec:
+    """A smoke run for the test suite: 32 facts, one budget, one seed, a few steps."""
+    return replace(SPEC, tasks=("facts:32",), budgets=(2,), seeds=1, batch_size=16, eval_examples=32,
+                   test_examples=32)
+
+
+QUICK_AXES = {"equal steps": 1.0, "convergence": 2.0}
+
+
+def run_capacity_model(quick: bool = False, results_dir: Path = Path("results"),
+                       workers: int | None = None, axes: tuple[str, ...] = tuple(AXES)) -> dict[str, Any]:
+    """Both axes (equal steps first: it is cheap and complete early), each group in order;
+    writes ``capacity_model.json`` after every axis, so a partial suite is readable."""
+    out = _suite_dir(Path(results_dir), quick)
+    base = quick_spec() if quick else SPEC
+    epochs = QUICK_AXES if quick else AXES
+    groups = plan(base.budgets, LAYERS)
+    if quick:  # the smallest setting of each method family, so the smoke run stays seconds
+        groups = [Group("quick", (Adapter("lora", 2, rank=2), Adapter("lora", 16, rank=16),
+                                  Adapter("mos", 2, rank=16, private=1)))]
+    began = time.perf_counter()
+    result: dict[str, Any] = {"suite": "capacity-model", "quick": quick, "environment": environment(),
+                              "model": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "heads": HEADS,
+                                        "init_range": INIT_RANGE, "targets": TARGETS},
+                              "grid": list(GRID), "lr_start": LR_START, "axes": {}}
+    with _progress() as progress, _runner(out, progress, workers) as runner:
+        runner.task_id = progress.add_task("capacity-model", total=None)
+        for name in axes:
+            def saved(axis: dict[str, Any], name: str = name) -> None:
+                result["axes"][name] = {"epochs": epochs[name], **axis}
+                seconds = [r.get("seconds", r["train_seconds"]) for r in runner.used.values()]
+                result.update(runs=len(seconds), run_seconds=sum(seconds), wall_seconds=time.perf_counter() - began)
+                write_json(out / "capacity_model.json", result)
+
+            run_axis(replace(base, epochs=epochs[name]), groups, runner, saved)
+    from .capacity import plot_capacity_model
+
+    plot_capacity_model(result, out / "capacity_model.png")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run (one seed, few steps)")
+    ap.add_argument("--results", type=Path, default=Path("results"),
+                    help="where the JSON and PNG go (finished runs are reused)")
+    ap.add_argument("--axes", default=",".join(AXES), help="comma-separated: " + ", ".join(AXES))
+    ap.add_argument("--workers", type=_positive, default=None,
+                    help="runs trained side by side, each on cores/workers threads (default: 2 on 2+ cores)")
+    args = ap.parse_args(argv)
+    axes = tuple(a.strip() for a in args.axes.split(",") if a.strip())
+    if not axes or set(axes) - set(AXES):
+        ap.error(f"unknown axes {args.axes!r}; choose from {', '.join(AXES)}")
+    run_capacity_model(quick=args.quick, results_dir=args.results, workers=args.workers, axes=axes)
+
+
+if __name__ == "__main__":
+    main()

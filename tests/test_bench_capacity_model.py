@@ -1,0 +1,61 @@
+"""The capacity model's suite: its base, its sweep's bracketing, and its quick mode end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import capacity, capacity_model
+from benchmarks.quality import Adapter
+from moslora import memorization
+
+
+def test_word_tokenizer_makes_a_fact_seven_tokens():
+    tok = capacity_model.word_tokenizer(32)
+    for prompt, answer in memorization.facts(32):
+        ids = tok(prompt + answer)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == ["<s>", *prompt[:-1].split(), ":", *answer.split()]
+    assert tok.convert_ids_to_tokens(tok("Zzyx:")["input_ids"]) == ["<s>", "<unk>", ":"]  # not a fact's word
+
+
+def test_edge_says_which_end_holds_the_best_rate():
+    assert capacity_model._edge({1e-3: 2.0, 2e-3: 1.0, 4e-3: 3.0}) is None
+    assert capacity_model._edge({1e-3: 0.5, 2e-3: 1.0, 4e-3: 3.0}) == "low"
+    assert capacity_model._edge({1e-3: 2.0, 2e-3: 1.0, 4e-3: 0.5}) == "high"
+    assert capacity_model._edge({1e-3: 2.0, 2e-3: 1.0, 4e-3: math.nan}) is None  # diverged above
+    assert capacity_model._edge({1e-3: math.nan, 2e-3: math.nan}) == "low"
+
+
+def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
+    adapters = [a for g in capacity_model.plan((2, 4, 8), 16) for a in g.adapters]
+    assert sorted(a.rank for a in adapters if a.method == "lora") == [1, 2, 4, 8, 16, 32, 64]
+    assert sorted((a.budget, a.rank) for a in adapters if a.method == "mos" and not a.tag) == [
+        (2, 8), (2, 16), (4, 16), (4, 32), (8, 32), (8, 64)]
+    # MoS settings and ablations at a budget share the sweep of MoS r = 8e there
+    tagged = next(a for a in adapters if a.tag)
+    assert capacity_model.probe(tagged, 16) == Adapter("mos", 2, rank=16, private=1)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("capacity-model")
+    return out, capacity_model.run_capacity_model(quick=True, results_dir=out, workers=1)
+
+
+def test_quick_suite_sweeps_until_interior_and_reports(quick):
+    out, result = quick
+    saved = json.loads((out / "quick" / "capacity_model.json").read_text())
+    assert set(saved["axes"]) == set(capacity_model.AXES)
+    for axis in saved["axes"].values():
+        for rate in axis["learning_rates"].values():
+            grid = sorted(float(lr) for lr in rate["grid"])
+            assert rate["sweep_runs"] == len(grid) >= len(capacity_model.GRID)
+            # interior, or the extensions ran out
+            assert rate["at_edge"] or grid[0] < rate["lr"] < grid[-1]
+        for row in axis["results"]:
+            assert math.isfinite(row["bits"]["mean"]) and row["adapter_params"] > 0
+    text = capacity.model_markdown(saved)
+    assert "bits / param" in text and "LoRA r=16" in text
+    assert (out / "quick" / "capacity_model.png").stat().st_size > 10_000
