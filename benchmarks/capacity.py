@@ -236,7 +236,7 @@ def _rate(rates: dict[str, Any], row: Row, layers: int) -> str:
     from .capacity_model import probe
     from .quality import Adapter
 
-    swept = rates[probe(Adapter(**row["adapter"]), layers).label]
+    swept = rates[probe(Adapter.from_dict(row["adapter"]), layers).label]
     return f"{row['lr']:.1e}" + ("†" if swept["at_edge"] else "")
 
 
@@ -266,7 +266,7 @@ def model_markdown(result: dict[str, Any]) -> str:
                              f"{_ci(mos['recovery']['accuracy'])} (exact match); worth LoRA at "
                              f"{_k(mos['worth']['bits'])} its parameters (bits)")
         if h.get("ablation"):
-            lines.append(f"- ablation of {h['ablation']['full']} (Δ bits vs full, 95 % interval): " + "; ".join(
+            lines.append(f"- ablation and variants of {h['ablation']['full']} (Δ bits vs it, 95 % interval): " + "; ".join(
                 f"{tag} {_ci(d['bits'], 0)}" for tag, d in h["ablation"]["deltas"].items()))
         lines += ["", "| setting | params | lr | exact match | bits stored | bits / param [95 %] |",
                   "|---|---:|---:|---:|---:|---:|"]

@@ -119,7 +119,8 @@ class Group:
 
 def plan(budgets: tuple[int, ...], layers: int) -> list[Group]:
     """LoRA at every rank from 1 to 8·max(e); MoS at e with r = 4e and 8e (p = 1); VeRA,
-    VB-LoRA and the ablation at the smallest budget. The smallest budget's settings first."""
+    VB-LoRA, the ablation and the variants at the smallest budget. The smallest budget's
+    settings first, the variants last."""
     e = budgets[0]
     lora = [Adapter("lora", r, rank=r) for r in sorted({1} | {k * b for b in budgets for k in (1, 2, 4, 8)})]
     mos = {b: [Adapter("mos", b, rank=mos_rank(b, layers, 1, k * b), private=1) for k in (4, 8)] for b in budgets}
@@ -128,13 +129,30 @@ def plan(budgets: tuple[int, ...], layers: int) -> list[Group]:
               Group("other methods and ablation", (Adapter("vera", e), Adapter("vblora", e),
                                                    *[a for a in ablations(e, mos[e][-1].rank) if a.tag]))]
     rest = [a for a in lora if a not in first] + [a for b in budgets[1:] for a in mos[b]]
-    return groups + ([Group("larger budgets", tuple(rest))] if rest else [])
+    return groups + ([Group("larger budgets", tuple(rest))] if rest else []) + [
+        Group("variants", variants(mos[e][-1]))]
+
+
+def variants(full: Adapter) -> tuple[Adapter, ...]:
+    """MoS with one ``MoSConfig`` variant switched on, each fixed before any run (not tuned):
+
+    - layer scale: a trainable scale per rank and layer;
+    - pool lr ÷ √reuse: each public shard serves (r - p)/(e - p) layers and sums their
+      gradients; under Adam that does not slow it, so damp its rate by √reuse (μP's fan-in rule);
+    - pool A init ×¼: the shared A pool's random features start smaller, so training moves
+      them further from what every layer shares at init.
+    """
+    reuse = (full.rank - full.private) / (full.budget - full.private)
+    return (replace(full, tag="layer scale", options=(("layer_scale", True),)),
+            replace(full, tag="pool lr ÷ √reuse", options=(("pool_lr_scale", round(reuse ** -0.5, 4)),)),
+            replace(full, tag="pool A init ×¼", options=(("pool_init_scale", 0.25),)))
 
 
 def probe(adapter: Adapter, layers: int) -> Adapter:
     """The setting whose sweep gives ``adapter`` its rate: itself for LoRA (each rank is a
-    budget), VeRA and VB-LoRA; MoS at r = 8e with p = 1 for every MoS setting at budget e."""
-    if adapter.method != "mos":
+    budget), VeRA, VB-LoRA and MoS's variants (a variant may move the optimum); MoS at r = 8e
+    with p = 1 for every other MoS setting at budget e."""
+    if adapter.method != "mos" or adapter.options:
         return adapter
     return Adapter("mos", adapter.budget, rank=mos_rank(adapter.budget, layers, 1, 8 * adapter.budget), private=1)
 

@@ -91,6 +91,12 @@ class Adapter:
     subset: bool = True
     pair: bool = True
     tag: str = ""  # names an ablation variant
+    options: tuple[tuple[str, Any], ...] = ()  # further MoSConfig fields, as (name, value) pairs
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Adapter":
+        """The setting a result row's ``adapter`` (its JSON form) describes."""
+        return cls(**{**data, "options": tuple(tuple(o) for o in data.get("options", ()))})
 
     @property
     def family(self) -> str:
@@ -170,7 +176,7 @@ def attach(base: nn.Module, adapter: Adapter, targets: list[str] | str, seed: in
         cfg = (MoSConfig.lora_equivalent(adapter.rank, **common) if adapter.method == "lora-eq" else
                MoSConfig(rank=adapter.rank, budget_rank=adapter.budget, private_rank=adapter.private,
                          shards_per_vector=adapter.shards, subset_selection=adapter.subset,
-                         pair_dissociation=adapter.pair, **common))
+                         pair_dissociation=adapter.pair, **dict(adapter.options), **common))
         return get_mos_model(base, cfg), {}
     with peft_calls():
         return _attach_peft(base, adapter, targets, dims, seed)
@@ -456,6 +462,8 @@ class RunSpec:
         for f in fields(self):
             if f.default is not MISSING and spec[f.name] == f.default:
                 del spec[f.name]
+        if not spec["adapter"]["options"]:  # likewise the adapter's options, added later
+            del spec["adapter"]["options"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -36,6 +36,21 @@ def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
     # MoS settings and ablations at a budget share the sweep of MoS r = 8e there
     tagged = next(a for a in adapters if a.tag)
     assert capacity_model.probe(tagged, 16) == Adapter("mos", 2, rank=16, private=1)
+    # the variants sweep their own rates, and their options reach MoSConfig
+    variant = next(a for a in adapters if a.options)
+    assert capacity_model.probe(variant, 16) == variant
+    assert {a.tag for a in adapters if a.options} == {"layer scale", "pool lr ÷ √reuse", "pool A init ×¼"}
+
+
+def test_a_variant_s_options_reach_its_mos_config():
+    from benchmarks.quality import attach
+    from conftest import tiny_llama
+
+    variant = Adapter("mos", 2, rank=4, private=1, options=(("layer_scale", True), ("pool_init_scale", 0.5)))
+    model, _ = attach(tiny_llama(), variant, ["down_proj"], seed=0)
+    assert model.mos_config.layer_scale and model.mos_config.pool_init_scale == 0.5
+    row = {"adapter": {**vars(variant), "options": [list(o) for o in variant.options]}}  # as JSON has it
+    assert Adapter.from_dict(row["adapter"]) == variant
 
 
 @pytest.fixture(scope="module")

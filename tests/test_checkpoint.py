@@ -28,6 +28,20 @@ def test_round_trip_gives_identical_logits(saved, tokens):
     assert loaded.mos_config == MoSConfig(**CFG)
 
 
+def test_variants_round_trip_and_export_with_their_scales(tmp_path, tokens):
+    from peft import PeftModel
+
+    cfg = MoSConfig(**CFG, layer_scale=True, pool_lr_scale=0.25, pool_init_scale=0.5)
+    model = get_mos_model(tiny_llama(), cfg)
+    randomize_adapter(model)  # the scales too: a loader that dropped them would differ
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = MoSModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    assert loaded.mos_config == cfg and torch.equal(loaded(tokens).logits, model(tokens).logits)
+    export_peft_lora(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    assert (peft_model(tokens).logits - model(tokens).logits).abs().max() <= 1e-5
+
+
 def test_file_holds_pools_not_dense_factors(saved):
     path, _ = saved
     tensors = load_file(path / WEIGHTS_NAME)

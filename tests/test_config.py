@@ -49,6 +49,9 @@ from moslora.config import ConfigError
         ({"init": "Kaiming"}, "init"),
         ({"seed": 2**32}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"layer_scale": 1}, "layer_scale"),
+        ({"pool_lr_scale": 0.0}, "pool_lr_scale"),
+        ({"pool_init_scale": float("nan")}, "pool_init_scale"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
@@ -192,7 +195,8 @@ def test_subset_selection_off_shrinks_pool_and_says_why():
     assert "subset selection off" in plan.note
 
 
-def test_budget_never_exceeds_lora():
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_budget_never_exceeds_lora(layer_scale):
     tally = {"asserted": 0, "refused": 0}
 
     @settings(max_examples=300, deadline=None)
@@ -200,20 +204,31 @@ def test_budget_never_exceeds_lora():
     def check(c):
         try:
             cfg = MoSConfig(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"],
-                            private_rank=c["p"], subset_selection=c["subset"])
+                            private_rank=c["p"], subset_selection=c["subset"], layer_scale=layer_scale)
             plan = solve_pools(cfg, c["layers"], c["d_in"], c["d_out"])
         except ValueError as err:
             assert str(err)  # a refusal says why
             tally["refused"] += 1
             assume(False)
         assert plan.total_params <= plan.lora_params(c["e"])
-        if c["subset"]:
-            assert plan.total_params == plan.lora_params(c["e"])
+        if c["subset"]:  # the pools take what is left; the scales cost less than one shard more
+            shard = (c["d_in"] + c["d_out"]) // c["l"]
+            assert plan.lora_params(c["e"]) - plan.total_params < (shard if layer_scale else 1)
         assert plan.shards >= (c["r"] - c["p"]) * c["l"]  # a layer's shards always fit in the pool
         tally["asserted"] += 1
 
     check()
-    assert tally["asserted"] >= 0.9 * sum(tally.values()), tally
+    # the scales refuse the narrowest drawn layers, where r·L outweighs the spare shards
+    assert tally["asserted"] >= (0.6 if layer_scale else 0.9) * sum(tally.values()), tally
+
+
+def test_layer_scale_that_eats_the_pool_is_refused_by_name():
+    cfg = MoSConfig(rank=8, budget_rank=2, private_rank=1, layer_scale=True)
+    with pytest.raises(ConfigError, match="layer_scale") as err:
+        solve_pools(cfg, num_layers=8, d_in=2, d_out=2)  # 64 scales vs 8 shards of 4 numbers
+    assert err.value.field == "layer_scale"
+    plan = solve_pools(cfg, num_layers=8, d_in=64, d_out=64)
+    assert plan.shards == 8 - 1 and plan.scale_params == 64  # one shard pays for the scales
 
 
 def test_bf16_without_support_is_a_clear_error(tmp_path, monkeypatch):

@@ -133,3 +133,45 @@ def test_vectorized_assembly_equals_reference():
 
     check()
     assert tally["asserted"] >= 0.9 * sum(tally.values()), tally
+
+
+def test_layer_scale_multiplies_each_layer_s_rows_of_a_and_trains():
+    plain, scaled = make_pools(layers=6, d_in=32, d_out=32), make_pools(layers=6, d_in=32, d_out=32, layer_scale=True)
+    assert scaled.scale.shape == (6, 5) and torch.equal(scaled.scale, torch.ones(6, 5))
+    assert scaled.pool_A.shape[0] == plain.pool_A.shape[0] - 1  # one shard pays for 30 scales
+    with torch.no_grad():
+        scaled.scale.uniform_(0.5, 2.0)
+        scaled.pool_B.normal_()
+    a, b = scaled.factors()
+    ref_a, ref_b = (torch.stack(t) for t in zip(*(assemble_by_loop(scaled, k) for k in range(6))))
+    torch.testing.assert_close(a, ref_a * scaled.scale.unsqueeze(-1))
+    torch.testing.assert_close(b, ref_b)
+    (b @ a).sum().backward()
+    assert scaled.scale.grad.abs().sum() > 0
+
+
+def test_pool_lr_scale_leaves_the_init_and_scales_adam_s_step_on_the_pools():
+    def one_step(c: float):
+        pools = make_pools(pool_lr_scale=c)
+        before = [t.detach().clone() for t in pools.factors()]
+        a, b = pools.factors()
+        torch.manual_seed(0)
+        target = torch.randn(b.shape[0], b.shape[1], a.shape[-1])
+        ((b @ a - target) ** 2).sum().backward()
+        torch.optim.Adam(pools.parameters(), lr=1e-3).step()
+        return before, [t.detach() for t in pools.factors()], pools
+
+    (a0, b0), (a1, b1), _ = one_step(1.0)
+    (c_a0, c_b0), (c_a1, c_b1), pools = one_step(4.0)
+    torch.testing.assert_close(c_a0, a0)  # the same function at init
+    torch.testing.assert_close(c_b0, b0)
+    public = pools.index_A.shape[1]  # Adam's first step is lr·sign(g): 4x on public ranks only
+    step, c_step = (b1 - b0)[..., :public], (c_b1 - c_b0)[..., :public]
+    torch.testing.assert_close(c_step, 4.0 * step, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close((c_a1 - c_a0)[:, public:], (a1 - a0)[:, public:])
+
+
+def test_pool_init_scale_scales_the_public_a_pool_only():
+    plain, small = make_pools(), make_pools(pool_init_scale=0.25)
+    torch.testing.assert_close(small.pool_A, 0.25 * plain.pool_A)
+    torch.testing.assert_close(small.private_A, plain.private_A)

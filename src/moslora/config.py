@@ -61,6 +61,16 @@ class MoSConfig:
         dropout: dropout on the adapter's input.
         init: ``"kaiming"`` (LoRA's default for A) or ``"gaussian"`` (std 1/r).
         seed: seeds routing indices and initialisation.
+
+    Variants beyond the paper (off by default; ``benchmarks/capacity_model.py`` measures them):
+        layer_scale: a trainable scale per rank and layer (``r`` numbers per layer, init 1)
+            multiplying the assembled ``A``'s rows, so layers that share shards can weigh them
+            differently; its ``L · r`` parameters are paid for with public shards.
+        pool_lr_scale: ``c``; the public pools train at ``c`` times the learning rate of the
+            private segments (stored divided by ``c``, used multiplied: under Adam a stored
+            entry moves by about the learning rate, so the used one moves ``c`` times that).
+        pool_init_scale: multiplies the initial public ``A`` pool (the private ``A`` keeps
+            LoRA's init).
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -74,6 +84,9 @@ class MoSConfig:
     dropout: float = 0.0
     init: Literal["kaiming", "gaussian"] = "kaiming"
     seed: int = 0
+    layer_scale: bool = False
+    pool_lr_scale: float = 1.0
+    pool_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self._validate_targets()
@@ -97,8 +110,10 @@ class MoSConfig:
                 f"private_rank={self.private_rank} uses the whole budget_rank={self.budget_rank}, "
                 f"leaving no budget for the public pools that rank={self.rank} needs: lower "
                 "private_rank, raise budget_rank, or set rank = private_rank")
-        for name in ("subset_selection", "pair_dissociation"):
+        for name in ("subset_selection", "pair_dissociation", "layer_scale"):
             require_bool(name, getattr(self, name))
+        for name in ("pool_lr_scale", "pool_init_scale"):
+            require_float(name, getattr(self, name), low=0.0, low_open=True)
         require_float("alpha", self.alpha, low=0.0, low_open=True)
         require_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         require_choice("init", self.init, INIT_SCHEMES)
@@ -211,6 +226,7 @@ class PoolPlan:
     budget_rank: int
     shards: int
     note: str = ""
+    layer_scale: bool = False
 
     @property
     def shard_dims(self) -> tuple[int, int]:
@@ -226,8 +242,13 @@ class PoolPlan:
         return self.shards * (a + b)
 
     @property
+    def scale_params(self) -> int:
+        """The per-layer rank scales' parameters (``MoSConfig.layer_scale``), else 0."""
+        return self.num_layers * self.rank if self.layer_scale else 0
+
+    @property
     def total_params(self) -> int:
-        return self.private_params + self.public_params
+        return self.private_params + self.public_params + self.scale_params
 
     def lora_params(self, rank: int) -> int:
         """Parameters of plain LoRA at ``rank`` on this kind."""
@@ -238,8 +259,9 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
     """Size the public pools of one layer kind so MoS costs at most LoRA at ``budget_rank``.
 
     With subset selection, the pools get exactly the budget left after the private segments:
-    ``n = (e - p) · L · l`` shards per side. Without it every layer uses the whole pool in
-    the same order, so the pool holds just one layer's ``(r - p) · l`` shards per side.
+    ``n = (e - p) · L · l`` shards per side (less the shards that pay for the layer scales,
+    if on). Without it every layer uses the whole pool in the same order, so the pool holds
+    just one layer's ``(r - p) · l`` shards per side.
     Raises ``ConfigError`` (a ``ValueError``) naming the knob to change when the budget cannot
     be met.
     """
@@ -260,7 +282,14 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
             f"fits is {max_rank} (or raise budget_rank)"
         )
     if cfg.subset_selection:
-        shards, note = (e - p) * num_layers * l, ""
+        shard_size = (d_in + d_out) // l
+        scales = num_layers * r if cfg.layer_scale else 0
+        shards, note = (e - p) * num_layers * l - math.ceil(scales / shard_size), ""
+        if shards < (r - p) * l:
+            raise ConfigError("layer_scale",
+                f"layer_scale's {scales} parameters{where} leave {shards} public shards, fewer than "
+                f"the {(r - p) * l} a layer routes to: lower rank, raise budget_rank, or turn "
+                "layer_scale off")
     else:
         shards = (r - p) * l
         note = (
@@ -268,4 +297,10 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
             if shards < (e - p) * num_layers * l
             else ""
         )
-    return PoolPlan(num_layers, d_in, d_out, r, p, l, e, shards, note)
+    plan = PoolPlan(num_layers, d_in, d_out, r, p, l, e, shards, note, cfg.layer_scale)
+    if plan.total_params > plan.lora_params(e):
+        raise ConfigError("layer_scale",
+            f"layer_scale's {plan.scale_params} parameters{where} put MoS at {plan.total_params:,} "
+            f"parameters, over LoRA's {plan.lora_params(e):,} at budget_rank={e}: turn layer_scale "
+            "off or turn subset_selection on (its pools pay for the scales)")
+    return plan

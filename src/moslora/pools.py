@@ -6,6 +6,7 @@ vector, a ``ShardPools`` holds
 - public pools ``pool_A: (n, d_in / l)`` and ``pool_B: (n, d_out / l)`` (rows are shards),
 - private segments ``private_A: (L, p, d_in)`` and ``private_B: (L, d_out, p)``,
 - fixed routing indices ``index_A, index_B: (L, r - p, l)`` (buffers, saved with the adapter),
+- with ``MoSConfig.layer_scale``, a per-layer scale of each rank ``scale: (L, r)``,
 
 and assembles layer ``k``'s factors ``A: (r, d_in)`` and ``B: (d_out, r)`` with one gather.
 """
@@ -78,10 +79,13 @@ class ShardPools(nn.Module):
         index_a, index_b = route(cfg, plan, generator)
         self.register_buffer("index_A", index_a)
         self.register_buffer("index_B", index_b)
-        self.pool_A = nn.Parameter(_init_a((plan.shards, shard_a), plan, cfg, generator))
+        self.pool_lr_scale = cfg.pool_lr_scale
+        pool_a = _init_a((plan.shards, shard_a), plan, cfg, generator) * cfg.pool_init_scale
+        self.pool_A = nn.Parameter(pool_a / cfg.pool_lr_scale)  # stored over c, used times c
         self.pool_B = nn.Parameter(torch.zeros(plan.shards, shard_b))
         self.private_A = nn.Parameter(_init_a((layers, p, plan.d_in), plan, cfg, generator))
         self.private_B = nn.Parameter(torch.zeros(layers, plan.d_out, p))
+        self.scale = nn.Parameter(torch.ones(layers, plan.rank)) if cfg.layer_scale else None
 
     def factors(self, layer: int | None = None) -> tuple[Tensor, Tensor]:
         """Assemble ``A: (r, d_in)`` and ``B: (d_out, r)`` for ``layer``.
@@ -91,8 +95,13 @@ class ShardPools(nn.Module):
         ``(r, d_out)``: the gather's own layout, which ``(x A^T) B^T`` reads in order.
         """
         sel = slice(None) if layer is None else layer
-        a = torch.cat([_gather(self.pool_A, self.index_A[sel]), self.private_A[sel]], dim=-2)
-        b_t = torch.cat([_gather(self.pool_B, self.index_B[sel]), self.private_B[sel].mT], dim=-2)
+        pool_a, pool_b = self.pool_A, self.pool_B
+        if self.pool_lr_scale != 1.0:
+            pool_a, pool_b = pool_a * self.pool_lr_scale, pool_b * self.pool_lr_scale
+        a = torch.cat([_gather(pool_a, self.index_A[sel]), self.private_A[sel]], dim=-2)
+        b_t = torch.cat([_gather(pool_b, self.index_B[sel]), self.private_B[sel].mT], dim=-2)
+        if self.scale is not None:
+            a = a * self.scale[sel].unsqueeze(-1)
         return a, b_t.mT
 
     def extra_repr(self) -> str:
