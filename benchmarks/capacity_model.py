@@ -48,7 +48,8 @@ from typing import Any, Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from moslora import memorization
+from moslora import MoSConfig, memorization, solve_pools
+from moslora.config import ConfigError
 
 from . import environment, write_json
 from .quality import (Adapter, CapacityTrack, Runner, TrackSpec, _positive, _progress, _run_spec, _runner,
@@ -136,16 +137,31 @@ def plan(budgets: tuple[int, ...], layers: int) -> list[Group]:
 def variants(full: Adapter) -> tuple[Adapter, ...]:
     """MoS with one ``MoSConfig`` variant switched on, each fixed before any run (not tuned):
 
-    - layer scale: a trainable scale per rank and layer;
+    - layer scale: a trainable scale per rank and layer (at the largest rank whose pool can
+      still pay for the scales: r = 8e uses every public shard);
     - pool lr ÷ √reuse: each public shard serves (r - p)/(e - p) layers and sums their
       gradients; under Adam that does not slow it, so damp its rate by √reuse (μP's fan-in rule);
     - pool A init ×¼: the shared A pool's random features start smaller, so training moves
       them further from what every layer shares at init.
     """
     reuse = (full.rank - full.private) / (full.budget - full.private)
-    return (replace(full, tag="layer scale", options=(("layer_scale", True),)),
+    scaled = replace(full, tag="layer scale", options=(("layer_scale", True),))
+    return (replace(scaled, rank=_largest_rank_that_fits(scaled)),
             replace(full, tag="pool lr ÷ √reuse", options=(("pool_lr_scale", round(reuse ** -0.5, 4)),)),
             replace(full, tag="pool A init ×¼", options=(("pool_init_scale", 0.25),)))
+
+
+def _largest_rank_that_fits(adapter: Adapter) -> int:
+    """The highest rank <= ``adapter.rank`` that ``solve_pools`` accepts on the model's layers."""
+    for rank in range(adapter.rank, 0, -1):
+        cfg = dict(rank=rank, budget_rank=adapter.budget, private_rank=min(adapter.private, rank),
+                   shards_per_vector=adapter.shards, **dict(adapter.options))
+        try:
+            solve_pools(MoSConfig(**cfg), LAYERS, FFN, HIDDEN)  # down_proj: FFN -> HIDDEN
+            return rank
+        except ConfigError:
+            continue
+    raise ConfigError("rank", f"{adapter.label} fits at no rank on the capacity model")
 
 
 def probe(adapter: Adapter, layers: int) -> Adapter:

@@ -29,6 +29,8 @@ def test_edge_says_which_end_holds_the_best_rate():
 
 
 def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
+    from benchmarks.quality import attach
+
     adapters = [a for g in capacity_model.plan((2, 4, 8), 16) for a in g.adapters]
     assert sorted(a.rank for a in adapters if a.method == "lora") == [1, 2, 4, 8, 16, 32, 64]
     assert sorted((a.budget, a.rank) for a in adapters if a.method == "mos" and not a.tag) == [
@@ -40,6 +42,10 @@ def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
     variant = next(a for a in adapters if a.options)
     assert capacity_model.probe(variant, 16) == variant
     assert {a.tag for a in adapters if a.options} == {"layer scale", "pool lr ÷ √reuse", "pool A init ×¼"}
+    # r = 16 routes every public shard, so the layer scales are paid for at r = 15
+    assert next(a.rank for a in adapters if a.tag == "layer scale") == 15
+    for a in (a for a in adapters if a.options):  # every variant fits the budget
+        attach(capacity_model.capacity_model(vocab=128), a, capacity_model.TARGETS, seed=0)
 
 
 def test_a_variant_s_options_reach_its_mos_config():

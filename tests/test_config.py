@@ -258,3 +258,10 @@ def test_every_lr_scheduler_is_one_of_transformers():
     from moslora.train_config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_config_error_survives_pickling_with_its_field():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("rank", "rank must be an integer >= 1, got 0")))
+    assert isinstance(err, ConfigError) and err.field == "rank" and "got 0" in str(err)

@@ -39,6 +39,9 @@ class ConfigError(ValueError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):  # pickled across processes (the benchmarks' workers) with its field
+        return type(self), (self.field, str(self))
+
 
 @dataclass
 class MoSConfig:
