@@ -111,7 +111,8 @@ def headline(track: dict[str, Any]) -> dict[str, Any]:
     if full:
         out["ablation"] = {"full": full["label"], "deltas": {
             r["adapter"]["tag"]: {"params": r["adapter_params"],
-                                  **{m: bootstrap(lambda v, f: v - f, [r, full], m) for m in metrics}}
+                                  **{m: bootstrap(lambda v, f: v - f, [r, full], m) for m in metrics},
+                                  "paired_z": {m: paired_gap(full, r, m)["z"] for m in metrics}}
             for r in rows if r["adapter"]["tag"]}}
     sizes = {task: track["tasks"][task]["results"] for task in [first, *others]}
     e = spec["budgets"][0]
@@ -267,12 +268,18 @@ def model_markdown(result: dict[str, Any]) -> str:
                              f"{_k(mos['worth']['bits'])} its parameters (bits)")
         if h.get("ablation"):
             lines.append(f"- ablation and variants of {h['ablation']['full']} (Δ bits vs it, 95 % interval): " + "; ".join(
-                f"{tag} {_ci(d['bits'], 0)}" for tag, d in h["ablation"]["deltas"].items()))
+                f"{tag} {_ci(d['bits'], 0)} ({d['paired_z']['bits']:+.1f} SE)"
+                for tag, d in h["ablation"]["deltas"].items()))
         lines += ["", "| setting | params | lr | exact match | bits stored | bits / param [95 %] |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["adapter"]["method"] != "lora", r["adapter_params"], r["label"])):
             lines.append(f"| {r['label']} | {r['adapter_params']:,} | {_rate(axis['learning_rates'], r, model['layers'])} "
                          f"| {_pmstat(r['accuracy'])} | {_pmstat(r['bits'], 0)} | {_ci(per_param(r), 3)} |")
+        lines.append("")
+    if result.get("plateau"):
+        lines.append("Is convergence converged? Seed 0 trained twice as long at the same rate: " + "; ".join(
+            f"{p['label']} {p['bits'][0]:,.0f} → {p['bits'][1]:,.0f} bits ({p['steps'][0]:,} → {p['steps'][1]:,} "
+            f"steps; exact match {p['accuracy'][0]:.3f} → {p['accuracy'][1]:.3f})" for p in result["plateau"]) + ".")
         lines.append("")
     return "\n".join(lines)
 

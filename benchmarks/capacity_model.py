@@ -62,11 +62,12 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 SPEC = TrackSpec("capacity-model", ("facts:512",), budgets=(2, 4, 8), seeds=5, steps=0, batch_size=64,
                  max_length=16, eval_examples=512, test_examples=512, epochs=256.0, sweep_on="loss")
-AXES = {"equal steps": 32.0, "convergence": 256.0}  # epochs; 8 steps each at batch 64
+AXES = {"equal steps": 32.0, "convergence": 128.0}  # epochs; 8 steps each at batch 64
 # the sweep: start x these (2x apart), extended beyond an edge until the best is interior
 LR_START = {"lora": 1e-2, "mos": 1e-2, "vera": 4e-2, "vblora": 1e-2}
 GRID = (0.25, 0.5, 1.0, 2.0)
 MAX_EXTENSIONS = 3
+PLATEAU = 2.0  # the plateau check trains this many times the convergence axis' epochs
 
 
 # ------------------------------------------------------------------------------- the model
@@ -225,6 +226,22 @@ def run_axis(spec: TrackSpec, groups: list[Group], runner: Runner,
     return axis
 
 
+def plateau(spec: TrackSpec, axis: dict[str, Any], runner: Runner) -> list[dict[str, Any]]:
+    """Is "convergence" converged? Seed 0 of LoRA at e and 2e and MoS at e with r = 8e
+    (e the smallest budget), trained ``PLATEAU`` times as long at the axis' rate: the bits
+    each still gains (0 at a plateau)."""
+    e, task = spec.budgets[0], spec.tasks[0]
+    wanted = {f"LoRA r={e}", f"LoRA r={2 * e}", Adapter("mos", e, rank=mos_rank(e, LAYERS, 1, 8 * e)).label}
+    rows = [r for r in axis["results"] if r["label"] in wanted]
+    longer = replace(spec, epochs=spec.epochs * PLATEAU)
+    runs = [_run_spec(longer, task, Adapter.from_dict(r["adapter"]), r["lr"], 0) for r in rows]
+    records = {x["key"]: x for x in runner.run_all(longer, runs)}
+    return [{"label": r["label"], "lr": r["lr"], "steps": (axis["steps"], _steps(longer)),
+             "bits": (r["per_seed"]["bits"][0], records[run.key]["test_bits"]),
+             "accuracy": (r["per_seed"]["accuracy"][0], records[run.key]["test_accuracy"])}
+            for r, run in zip(rows, runs)]
+
+
 def _steps(spec: TrackSpec) -> int:
     size = int(spec.tasks[0].partition(":")[2])
     return max(1, round(spec.epochs * size / spec.batch_size))
@@ -265,6 +282,10 @@ def run_capacity_model(quick: bool = False, results_dir: Path = Path("results"),
                 write_json(out / "capacity_model.json", result)
 
             run_axis(replace(base, epochs=epochs[name]), groups, runner, saved)
+        if "convergence" in result["axes"]:
+            result["plateau"] = plateau(replace(base, epochs=epochs["convergence"]), result["axes"]["convergence"],
+                                        runner)
+            write_json(out / "capacity_model.json", result)
     from .capacity import plot_capacity_model
 
     plot_capacity_model(result, out / "capacity_model.png")

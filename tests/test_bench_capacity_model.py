@@ -77,6 +77,10 @@ def test_quick_suite_sweeps_until_interior_and_reports(quick):
             assert rate["at_edge"] or grid[0] < rate["lr"] < grid[-1]
         for row in axis["results"]:
             assert math.isfinite(row["bits"]["mean"]) and row["adapter_params"] > 0
+    # the plateau check: seed 0 again, trained twice as long at the same rate
+    assert {p["label"] for p in saved["plateau"]} == {"LoRA r=2", "MoS e=2 r=16"}
+    for p in saved["plateau"]:
+        assert p["steps"][1] == 2 * p["steps"][0] and math.isfinite(p["bits"][1])
     text = capacity.model_markdown(saved)
-    assert "bits / param" in text and "LoRA r=16" in text
+    assert "bits / param" in text and "LoRA r=16" in text and "twice as long" in text
     assert (out / "quick" / "capacity_model.png").stat().st_size > 10_000
