@@ -61,7 +61,7 @@ class RunStore:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.records[record["key"]] = record
+        self.records[record["key"]] = json.loads(line)  # as a later reader sees it (tuples as lists)
 
 
 def environment() -> dict[str, Any]:

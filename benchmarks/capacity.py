@@ -232,12 +232,9 @@ def per_param(row: Row) -> dict[str, float]:
     return bootstrap(lambda bits: bits / row["adapter_params"], [row], "bits")
 
 
-def _rate(rates: dict[str, Any], row: Row, layers: int) -> str:
+def _rate(rates: dict[str, Any], row: Row) -> str:
     """The row's learning rate, marked † when its sweep's best is still at the grid's edge."""
-    from .capacity_model import probe
-    from .quality import Adapter
-
-    swept = rates[probe(Adapter.from_dict(row["adapter"]), layers).label]
+    swept = rates[row["swept_on"]]
     return f"{row['lr']:.1e}" + ("†" if swept["at_edge"] else "")
 
 
@@ -273,7 +270,7 @@ def model_markdown(result: dict[str, Any]) -> str:
         lines += ["", "| setting | params | lr | exact match | bits stored | bits / param [95 %] |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["adapter"]["method"] != "lora", r["adapter_params"], r["label"])):
-            lines.append(f"| {r['label']} | {r['adapter_params']:,} | {_rate(axis['learning_rates'], r, model['layers'])} "
+            lines.append(f"| {r['label']} | {r['adapter_params']:,} | {_rate(axis['learning_rates'], r)} "
                          f"| {_pmstat(r['accuracy'])} | {_pmstat(r['bits'], 0)} | {_ci(per_param(r), 3)} |")
         lines.append("")
     if result.get("plateau"):

@@ -41,24 +41,19 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from moslora import MoSConfig, memorization, solve_pools
+from moslora import MoSConfig, solve_pools
 from moslora.config import ConfigError
 
 from . import environment, write_json
-from .quality import (Adapter, CapacityTrack, Runner, TrackSpec, _positive, _progress, _run_spec, _runner,
-                      _suite_dir, ablations, lowest_loss, mos_rank, summarize)
+from .capacity_base import FFN, HEADS, HIDDEN, INIT_RANGE, LAYERS, TARGETS
+from .quality import (Adapter, Runner, TrackSpec, _positive, _progress, _run_spec, _runner, _suite_dir,
+                      ablations, lowest_loss, mos_rank, summarize)
 
-LAYERS, HIDDEN, FFN, HEADS = 16, 64, 128, 4
-INIT_RANGE = 0.15
-TARGETS = ["down_proj"]
-SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 SPEC = TrackSpec("capacity-model", ("facts:512",), budgets=(2, 4, 8), seeds=5, steps=0, batch_size=64,
                  max_length=16, eval_examples=512, test_examples=512, epochs=256.0, sweep_on="loss")
@@ -68,45 +63,6 @@ LR_START = {"lora": 1e-2, "mos": 1e-2, "vera": 4e-2, "vblora": 1e-2}
 GRID = (0.25, 0.5, 1.0, 2.0)
 MAX_EXTENSIONS = 3
 PLATEAU = 2.0  # the plateau check trains this many times the convergence axis' epochs
-
-
-# ------------------------------------------------------------------------------- the model
-
-@lru_cache(maxsize=4)
-def word_tokenizer(size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words of ``facts(size)`` (names, ``:``, every answer
-    word), putting ``<s>`` in front so a fact's first name token has a fixed left context."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    split = pre_tokenizers.Whitespace().pre_tokenize_str
-    words = {w for prompt, answer in memorization.facts(size) for w, _ in split(prompt + answer)}
-    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(sorted(words | set(memorization.WORDS))))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-
-
-def capacity_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    """The frozen random base: ``LAYERS`` blocks of width ``HIDDEN``, weights ~ N(0, INIT_RANGE)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=vocab, initializer_range=INIT_RANGE,
-        max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        attn_implementation="eager"))  # eager: SDPA's CPU kernel was a quarter of a 7-token step
-    return model.requires_grad_(False).eval()
-
-
-class ModelCapacityTrack(CapacityTrack):
-    """The capacity track's runs (``quality.train_and_evaluate``) on the capacity model."""
-
-    def __init__(self, spec: TrackSpec) -> None:
-        size = max(int(t.partition(":")[2]) for t in spec.tasks)  # facts(n) is a prefix of facts(size)
-        self.spec, self.targets, self.layers = spec, list(TARGETS), LAYERS
-        self.tokenizer = word_tokenizer(size)
-        self.base = capacity_model(len(self.tokenizer))
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -219,7 +175,8 @@ def run_axis(spec: TrackSpec, groups: list[Group], runner: Runner,
         runs = [[_run_spec(spec, task, a, rates[probe(a, LAYERS).label]["lr"], s)
                  for s in range(spec.seeds)] for a in group.adapters]
         records = {r["key"]: r for r in runner.run_all(spec, [run for row in runs for run in row])}
-        rows += [summarize([records[run.key] for run in row]) for row in runs]
+        rows += [{**summarize([records[run.key] for run in row]), "swept_on": probe(a, LAYERS).label}
+                 for a, row in zip(group.adapters, runs)]
         axis = {"spec": asdict(spec), "steps": _steps(spec), "learning_rates": rates, "results": rows,
                 "groups_done": [g.name for g in groups[:groups.index(group) + 1]]}
         saved(axis)

@@ -58,7 +58,7 @@ from moslora.targeting import find_targets
 from moslora.tasks import Example, Task, needs_base
 from moslora.tokenizing import answer_window, collate, tokenize_example
 
-from . import RunStore, environment, read_json, write_json
+from . import RunStore, capacity_base, environment, read_json, write_json
 
 TRACKS = ("encoder", "llm", "capacity")
 # learning-rate sweep: the same four points (default / 3 ... default * 9) per family, around
@@ -407,6 +407,17 @@ class CapacityTrack(LLMTrack):
         return {first: main, **{task: curve for task in others}}
 
 
+class ModelCapacityTrack(CapacityTrack):
+    """The capacity track's runs on the capacity model (``capacity_base``), which the
+    suite ``capacity_model`` drives with its own plan."""
+
+    def __init__(self, spec: TrackSpec) -> None:
+        size = max(int(t.partition(":")[2]) for t in spec.tasks)  # facts(n) is a prefix of facts(size)
+        self.spec, self.targets, self.layers = spec, list(capacity_base.TARGETS), capacity_base.LAYERS
+        self.tokenizer = capacity_base.word_tokenizer(size)
+        self.base = capacity_base.capacity_model(len(self.tokenizer))
+
+
 def fast_bf16() -> bool:
     """Whether bf16 runs natively here: a CUDA GPU with bf16, or a CPU that oneDNN runs bf16 on
     (AVX512-BF16 or AMX). Without them, CPU autocast emulates bf16, and a SmolLM2 step took 14x
@@ -427,11 +438,9 @@ def _autocast(enabled: bool):
 
 
 def load_track(spec: TrackSpec) -> Track:
-    if spec.name == "capacity-model":  # its own module, which builds on this one
-        from .capacity_model import ModelCapacityTrack
-
-        return ModelCapacityTrack(spec)
-    return {"encoder": EncoderTrack, "llm": LLMTrack, "capacity": CapacityTrack}[spec.name](spec)
+    tracks = {"encoder": EncoderTrack, "llm": LLMTrack, "capacity": CapacityTrack,
+              "capacity-model": ModelCapacityTrack}
+    return tracks[spec.name](spec)
 
 
 # -------------------------------------------------------------------------------- one run

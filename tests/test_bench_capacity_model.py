@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from benchmarks import capacity, capacity_model
+from benchmarks import capacity, capacity_base, capacity_model
 from benchmarks.quality import Adapter
 from moslora import memorization
 
 
 def test_word_tokenizer_makes_a_fact_seven_tokens():
-    tok = capacity_model.word_tokenizer(32)
+    tok = capacity_base.word_tokenizer(32)
     for prompt, answer in memorization.facts(32):
         ids = tok(prompt + answer)["input_ids"]
         assert tok.convert_ids_to_tokens(ids) == ["<s>", *prompt[:-1].split(), ":", *answer.split()]
@@ -45,7 +45,7 @@ def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
     # r = 16 routes every public shard, so the layer scales are paid for at r = 15
     assert next(a.rank for a in adapters if a.tag == "layer scale") == 15
     for a in (a for a in adapters if a.options):  # every variant fits the budget
-        attach(capacity_model.capacity_model(vocab=128), a, capacity_model.TARGETS, seed=0)
+        attach(capacity_base.capacity_model(vocab=128), a, capacity_base.TARGETS, seed=0)
 
 
 def test_a_variant_s_options_reach_its_mos_config():

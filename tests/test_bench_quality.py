@@ -163,9 +163,12 @@ def test_a_field_at_its_default_keeps_the_cached_keys():
     run = quality._run_spec(spec, "sentiment", quality.Adapter("lora", 4, rank=4), 1e-3, 0)
     added = ("system", "bf16")  # fields added with a default after runs were cached
     before = {k: v for k, v in dataclasses.asdict(run).items() if k not in added}  # the old fields
+    del before["adapter"]["options"]  # likewise the adapter's, added after runs were cached
     assert run.key == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert dataclasses.replace(run, system="").key != run.key
     assert dataclasses.replace(run, bf16=True).key != run.key
+    variant = dataclasses.replace(run.adapter, options=(("layer_scale", True),))
+    assert dataclasses.replace(run, adapter=variant).key != run.key
     llm = quality._run_spec(quality.SPECS["llm"], "sentiment", quality.Adapter("lora", 2, rank=2), 1e-3, 0)
     assert llm.system == "" and llm.key != dataclasses.replace(llm, system=None).key
 
