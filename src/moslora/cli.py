@@ -520,6 +520,10 @@ def serve(
     max_n: int = typer.Option(8, min=1, help="most choices (n) a request may ask (else 400)"),
     request_timeout: float = typer.Option(60.0, min=0.001, callback=_finite,
                                           help="seconds before a request is answered 504"),
+    allow_runtime_adapters: bool = typer.Option(
+        False, "--allow-runtime-adapters",
+        help="add vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the \"*\" API key if "
+             "one is set; else 404)"),
 ) -> None:
     """Serve every adapter under --adapters over the OpenAI API (/v1/chat/completions, /v1/completions),
     each loaded on its first request."""
@@ -541,7 +545,8 @@ def serve(
     import uvicorn
 
     server = load_server(model, adapters, keys, max_resident_bytes, max_batch=max_batch,
-                         batch_window=batch_window_ms / 1000, queue_size=queue_size, limits=limits)
+                         batch_window=batch_window_ms / 1000, queue_size=queue_size, limits=limits,
+                         allow_runtime_adapters=allow_runtime_adapters)
     uvicorn.run(server, host=host, port=port)
 
 

@@ -45,6 +45,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -198,11 +199,27 @@ class Scheduler:
         self._held: Job | None = None  # taken from the queue, waits for free rows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._in_flight: Counter[str] = Counter()  # per model: jobs submitted, not yet answered
+        self._in_flight_lock = threading.Lock()  # submits come from the server, answers from the worker
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; raises ``queue.Full`` when the queue is at capacity."""
         self.queue.put_nowait(job)
+        with self._in_flight_lock:
+            self._in_flight[job.model] += 1
+        job.future.add_done_callback(functools.partial(self._answered, job.model))
         return job.future
+
+    def in_flight(self, model: str) -> int:
+        """How many submitted jobs for ``model`` are not answered yet (queued or running)."""
+        with self._in_flight_lock:
+            return self._in_flight[model]
+
+    def _answered(self, model: str, _: Future) -> None:
+        with self._in_flight_lock:
+            self._in_flight[model] -= 1
+            if not self._in_flight[model]:
+                del self._in_flight[model]
 
     def start(self) -> None:
         self._stop.clear()

@@ -7,7 +7,11 @@ directory name, and loaded on the first request that names it (``MultiAdapterMod
 adapter root): start-up reads no adapter, resident ones are kept within
 ``--max-resident-bytes`` (least recently used evicted), and directories added or removed while
 the server runs are seen within a second. ``POST /v1/adapters`` loads one explicitly (from
-under the same root only; it then stays resident until deleted). ``POST
+under the same root only; it then stays resident until deleted). With
+``allow_runtime_adapters`` (``--allow-runtime-adapters``), vLLM's ``POST /v1/load_lora_adapter``
+and ``POST /v1/unload_lora_adapter`` do the same with vLLM's bodies and answers; without it
+they are 404, as in vLLM. An adapter loaded over HTTP that is unloaded stops being served at
+once, while the requests already made to it finish with it. ``POST
 /v1/completions`` and ``POST /v1/chat/completions`` (the base tokenizer's chat template) take
 OpenAI's bodies, with ``model`` naming an adapter or ``__base__``; ``GET /v1/models[/{id}]``
 lists them. Requests from all clients go into one bounded queue; a single worker thread answers
@@ -47,10 +51,10 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, ClassVar
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import Field
@@ -77,6 +81,24 @@ class AdapterRequest(StrictBody):
     name: str = Field(min_length=1, max_length=128)
     path: str = Field(min_length=1, max_length=4096,
                       description="adapter directory, relative to the server's adapter root")
+
+
+class LoadLoraRequest(StrictBody):
+    """vLLM's body of ``POST /v1/load_lora_adapter``."""
+
+    unsupported: ClassVar[dict[str, Any]] = {"load_inplace": False}
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096,
+                           description="adapter directory under the server's adapter root (absolute or relative to it)")
+
+
+class UnloadLoraRequest(StrictBody):
+    """vLLM's body of ``POST /v1/unload_lora_adapter``."""
+
+    unsupported: ClassVar[dict[str, Any]] = {"lora_int_id": None}
+
+    lora_name: str = Field(min_length=1, max_length=128)
 
 
 @dataclass(frozen=True)
@@ -165,8 +187,10 @@ def create_app(
     batch_window: float = 0.005,
     queue_size: int = 256,
     limits: Limits | None = None,
+    allow_runtime_adapters: bool = False,
 ) -> FastAPI:
-    """The FastAPI app over ``model``. The worker thread runs while the app does (lifespan)."""
+    """The FastAPI app over ``model``. The worker thread runs while the app does (lifespan).
+    ``allow_runtime_adapters`` adds vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``."""
     limits = limits or Limits()
     require_int("max_batch", max_batch, minimum=1)
     require_int("queue_size", queue_size, minimum=1)
@@ -177,6 +201,7 @@ def create_app(
     metrics = ServerMetrics()
     started = int(time.time())
     loaded_at: dict[str, int] = {}  # adapters loaded over HTTP; the rest came with the server
+    retiring: set[str] = set()  # being unloaded: no longer served, while their requests in flight finish
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -217,7 +242,8 @@ def create_app(
 
     def label(name: Any) -> str:
         """``name`` if it names a model, else ``UNKNOWN`` (metrics labels stay few)."""
-        return name if isinstance(name, str) and name in servable(model) else UNKNOWN
+        served = isinstance(name, str) and name in servable(model) and name not in retiring
+        return name if served else UNKNOWN
 
     def encode(req: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(req, CompletionRequest):
@@ -308,7 +334,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [card(name) for name in [BASE, *model.available()]]}
+        return {"object": "list", "data": [card(name) for name in [BASE, *model.available()] if name not in retiring]}
 
     @app.get("/v1/models/{name}")
     async def model_info(name: str) -> dict:
@@ -316,36 +342,102 @@ def create_app(
             raise ApiError(404, f"no model {name!r}; see GET /v1/models", param="model", code="model_not_found")
         return card(name)
 
-    @app.post("/v1/adapters", dependencies=[Depends(admin)])
-    async def load(request: Request) -> dict:
-        req = validate(load_json(await request.body()), AdapterRequest)
+    async def add_adapter(name: str, relative: str) -> None:
+        """Validate the adapter at ``relative`` (under the root) against the base and keep it
+        resident as ``name`` until unloaded; the registry is unchanged on any error (an
+        ``ApiError``: 400, 404 for no adapter there, 409 for a name already loaded)."""
         try:  # resolves "..", absolute paths and symlinks, of the adapter's files too
-            path = root.inside(req.path)
+            path = root.inside(relative)
         except CheckpointError as err:
             raise ApiError(400, str(err), param="path") from None
-        if req.name in model.adapters():
-            raise ApiError(409, f"an adapter named {req.name!r} is already loaded", param="name")
+        if name in model.adapters():
+            raise ApiError(409, f"an adapter named {name!r} is already loaded", param="name")
         try:
-            await asyncio.to_thread(model.load_adapter, req.name, path)
+            await asyncio.to_thread(model.load_adapter, name, path)
         except FileNotFoundError as err:
             raise ApiError(404, str(err).replace(str(root.path), "<root>"), param="path") from None
         except CheckpointError as err:
             raise ApiError(400, str(err).replace(str(root.path), "<root>"), param="path") from None
-        except ValueError as err:  # an invalid name
+        except ValueError as err:  # an invalid name, or one loaded meanwhile
             raise ApiError(400, str(err), param="name") from None
-        loaded_at[req.name] = int(time.time())
+        loaded_at[name] = int(time.time())
+
+    async def drop_adapter(name: str) -> None:
+        """Unload the resident adapter ``name`` (``ApiError`` 404 if none, 409 if merged).
+
+        One that would not stay servable from disk (the model's adapter root) is retired first:
+        it leaves ``/v1/models`` and new requests for it are 404, while those already queued or
+        running finish with it (for at most ``request_timeout``, after which any left fail with
+        a 404). One on disk stays servable, and is loaded again by the next request naming it."""
+        if name not in model.adapters():
+            raise ApiError(404, f"no adapter named {name!r} is loaded; loaded: {model.adapters()}", param="name")
+        drain = model.root is None or name not in model.root
+        if drain:
+            retiring.add(name)
+        try:
+            deadline = time.monotonic() + limits.request_timeout
+            while drain and scheduler.in_flight(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(model.unload_adapter, name)  # waits for the model between two steps
+        except UnknownAdapterError as err:  # unloaded meanwhile
+            raise ApiError(404, str(err), param="name") from None
+        except RuntimeError as err:  # merged into the base
+            raise ApiError(409, str(err), param="name") from None
+        finally:
+            retiring.discard(name)
+        loaded_at.pop(name, None)
+
+    @app.post("/v1/adapters", dependencies=[Depends(admin)])
+    async def load(request: Request) -> dict:
+        """Load ``{"name", "path"}``: the adapter at ``path`` under the root, served as ``name``."""
+        req = validate(load_json(await request.body()), AdapterRequest)
+        await add_adapter(req.name, req.path)
         return {"id": req.name, "object": "model", "loaded": True}
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
     async def unload(name: str) -> dict:
-        try:
-            await asyncio.to_thread(model.unload_adapter, name)
-        except UnknownAdapterError as err:
-            raise ApiError(404, str(err), param="name") from None
-        except RuntimeError as err:  # merged into the base
-            raise ApiError(409, str(err), param="name") from None
-        loaded_at.pop(name, None)
+        """Unload the resident adapter ``name`` (see ``drop_adapter``)."""
+        await drop_adapter(name)
         return {"id": name, "object": "model", "deleted": True}
+
+    if allow_runtime_adapters:  # else no such routes: 404, as vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING
+
+        @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
+        async def load_lora_adapter(request: Request) -> PlainTextResponse:
+            """vLLM's runtime load: ``{"lora_name", "lora_path"}`` serves the adapter at
+            ``lora_path`` (under the adapter root, absolute or relative to it) as ``lora_name``.
+
+            Validated as any adapter is on first use; a name already served (``GET
+            /v1/models``), a path outside the root or with no adapter, a corrupt adapter, or
+            one for another base is a 400 that leaves the registry unchanged. Answers vLLM's
+            plain-text success message."""
+            req = validate(load_json(await request.body()), LoadLoraRequest)
+            if req.lora_name in servable(model):  # also one on disk under the root, or being unloaded
+                raise ApiError(400, f"the adapter {req.lora_name!r} is already served (see GET /v1/models): "
+                                    "unload it first or pick another lora_name", param="lora_name")
+            try:
+                await add_adapter(req.lora_name, req.lora_path)
+            except ApiError as err:  # vLLM answers every refused load 400
+                raise ApiError(400, err.message, param=f"lora_{err.param}", code=err.code) from None
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
+        async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+            """vLLM's runtime unload: ``{"lora_name"}``, a resident adapter (else 404).
+
+            New requests for it are 404 at once; those already queued or running finish with it,
+            then it is unloaded and this answers vLLM's plain-text success message. An adapter
+            served from its directory under the root is a 400: it would stay served."""
+            req = validate(load_json(await request.body()), UnloadLoraRequest)
+            if model.root is not None and req.lora_name in model.root:
+                raise ApiError(400, f"the adapter {req.lora_name!r} is served from its directory under the adapter "
+                                    "root: remove the directory to stop serving it", param="lora_name")
+            try:
+                await drop_adapter(req.lora_name)
+            except ApiError as err:
+                raise ApiError(404 if err.status == 404 else 400, err.message, param="lora_name",
+                               code=err.code) from None
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health() -> dict:
@@ -436,7 +528,8 @@ def load_server(base: str | None, adapter_root: str | Path, keys: ApiKeys | None
                 max_resident_bytes: int | None = None, **app_kwargs: Any) -> FastAPI:
     """Load the base (a local HF folder, a .gguf file, or ``None`` for the embedded default;
     ``base.load_base``) and serve every MoS adapter under ``adapter_root``, each loaded on its
-    first request (validated then) and kept resident within ``max_resident_bytes``."""
+    first request (validated then) and kept resident within ``max_resident_bytes``;
+    ``app_kwargs`` go to ``create_app``."""
     from ..base import load_base
 
     base_model, tokenizer = load_base(base)
