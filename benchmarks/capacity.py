@@ -281,6 +281,24 @@ def model_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict_markdown(result: dict[str, Any]) -> str:
+    """Per axis and budget, the best MoS setting against LoRA in words a practitioner can act
+    on: whether it beats LoRA at equal parameters, and by how much of what rank buys."""
+    lines = []
+    for name, axis in result["axes"].items():
+        for e, entry in headline(_model_track(axis))["budgets"].items():
+            if not entry["mos"]:
+                continue
+            best = max(entry["mos"], key=lambda m: m["recovery"]["bits"]["value"])
+            rec = best["recovery"]["bits"]
+            says = ("holds about what LoRA at 8x its parameters holds" if rec["low"] >= 0.8 else
+                    "stores more than LoRA at equal parameters" if rec["low"] > 0 else
+                    "stores no more than LoRA at equal parameters")
+            lines.append(f"- **{name}, e = {e}**: {best['label']} {says}: gap recovered {_ci(rec)}, "
+                         f"worth LoRA at {_k(best['worth']['bits'])} its parameters (bits stored).")
+    return "\n".join(lines) + "\n"
+
+
 def plot_capacity_model(result: dict[str, Any], path: Path) -> None:
     """Per axis: bits stored, and bits per parameter, vs trainable parameters (log x)."""
     axes_data = result["axes"]

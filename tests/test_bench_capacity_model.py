@@ -83,4 +83,6 @@ def test_quick_suite_sweeps_until_interior_and_reports(quick):
         assert p["steps"][1] == 2 * p["steps"][0] and math.isfinite(p["bits"][1])
     text = capacity.model_markdown(saved)
     assert "bits / param" in text and "LoRA r=16" in text and "twice as long" in text
+    verdict = capacity.verdict_markdown(saved)
+    assert verdict.count("gap recovered") == len(saved["axes"]) and "MoS e=2 r=16" in verdict
     assert (out / "quick" / "capacity_model.png").stat().st_size > 10_000
