@@ -99,13 +99,22 @@ def variants(full: Adapter) -> tuple[Adapter, ...]:
     - pool lr ÷ √reuse: each public shard serves (r - p)/(e - p) layers and sums their
       gradients; under Adam that does not slow it, so damp its rate by √reuse (μP's fan-in rule);
     - pool A init ×¼: the shared A pool's random features start smaller, so training moves
-      them further from what every layer shares at init.
+      them further from what every layer shares at init;
+    - shard privatization: half of full's private rank kept, as private shards (p = 0,
+      ``private_shards`` = l/2, i.e. 1 at full's l = 2): each layer keeps half its private
+      parameters, the other half-rank's worth goes back to the public pools, and all r ranks
+      are routed, the first one's first shard (each side) the layer's own. Same parameters as
+      full (both exactly LoRA@e), so it asks: is a layer's privacy worth more as one whole
+      rank, or half of it as shards with one more public rank? (A rank has no half at l = 1:
+      this needs l even.)
     """
     reuse = (full.rank - full.private) / (full.budget - full.private)
     scaled = replace(full, tag="layer scale", options=(("layer_scale", True),))
     return (replace(scaled, rank=_largest_rank_that_fits(scaled)),
             replace(full, tag="pool lr ÷ √reuse", options=(("pool_lr_scale", round(reuse ** -0.5, 4)),)),
-            replace(full, tag="pool A init ×¼", options=(("pool_init_scale", 0.25),)))
+            replace(full, tag="pool A init ×¼", options=(("pool_init_scale", 0.25),)),
+            replace(full, tag="shard privatization", private=0,
+                    options=(("private_shards", full.shards // 2),)))
 
 
 def _largest_rank_that_fits(adapter: Adapter) -> int:

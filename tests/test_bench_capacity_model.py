@@ -41,11 +41,19 @@ def test_plan_runs_lora_at_every_budget_and_8x_and_mos_at_4e_8e():
     # the variants sweep their own rates, and their options reach MoSConfig
     variant = next(a for a in adapters if a.options)
     assert capacity_model.probe(variant, 16) == variant
-    assert {a.tag for a in adapters if a.options} == {"layer scale", "pool lr ÷ √reuse", "pool A init ×¼"}
+    assert {a.tag for a in adapters if a.options} == {"layer scale", "pool lr ÷ √reuse", "pool A init ×¼",
+                                                      "shard privatization"}
     # r = 16 routes every public shard, so the layer scales are paid for at r = 15
     assert next(a.rank for a in adapters if a.tag == "layer scale") == 15
-    for a in (a for a in adapters if a.options):  # every variant fits the budget
-        attach(capacity_base.capacity_model(vocab=128), a, capacity_base.TARGETS, seed=0)
+    # half of full's private rank, as one private shard of l = 2 per layer and no private rank
+    shard_private = next(a for a in adapters if a.tag == "shard privatization")
+    assert (shard_private.rank, shard_private.private, shard_private.options) == (16, 0, (("private_shards", 1),))
+    full = Adapter("mos", 2, rank=16, private=1)
+    # every variant fits the budget (attach would refuse one that did not)
+    params = {a.label: attach(capacity_base.capacity_model(vocab=128), a, capacity_base.TARGETS, seed=0)[0]
+              .trainable_parameters() for a in [full, *(a for a in adapters if a.options)]}
+    assert params[full.label] == params[shard_private.label] == 2 * capacity_base.LAYERS * (
+        capacity_base.FFN + capacity_base.HIDDEN)  # both LoRA@2 exactly: down_proj is FFN -> HIDDEN
 
 
 def test_a_variant_s_options_reach_its_mos_config():

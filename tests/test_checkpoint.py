@@ -31,8 +31,9 @@ def test_round_trip_gives_identical_logits(saved, tokens):
 def test_variants_round_trip_and_export_with_their_scales(tmp_path, tokens):
     from peft import PeftModel
 
-    cfg = MoSConfig(**CFG, layer_scale=True, pool_lr_scale=0.25, pool_init_scale=0.5)
+    cfg = MoSConfig(**CFG, layer_scale=True, pool_lr_scale=0.25, pool_init_scale=0.5, private_shards=1)
     model = get_mos_model(tiny_llama(), cfg)
+    assert all(pools.plan.private_shards == 1 for pools in model.mos_pools.values())
     randomize_adapter(model)  # the scales too: a loader that dropped them would differ
     model.save_pretrained(tmp_path / "adapter")
     loaded = MoSModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
@@ -153,6 +154,13 @@ def _rewrite(path, edit_header=None, edit_tensors=None):
         edit_header(header)
     header["weights_sha256"] = _sha256(path / WEIGHTS_NAME)
     (path / CONFIG_NAME).write_text(json.dumps(header))
+
+
+def test_an_adapter_saved_before_private_shards_loads_without_them(saved, tokens):
+    path, logits = saved
+    _rewrite(path, edit_header=lambda h: h["config"].pop("private_shards"))
+    loaded = MoSModel.from_pretrained(tiny_llama(), path)
+    assert loaded.mos_config.private_shards == 0 and torch.equal(loaded(tokens).logits, logits)
 
 
 def test_unreadable_weights_with_valid_checksum(saved):

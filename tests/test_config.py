@@ -52,6 +52,13 @@ from moslora.config import ConfigError
         ({"layer_scale": 1}, "layer_scale"),
         ({"pool_lr_scale": 0.0}, "pool_lr_scale"),
         ({"pool_init_scale": float("nan")}, "pool_init_scale"),
+        ({"private_shards": -1}, "private_shards"),
+        ({"private_shards": 1.0}, "private_shards"),
+        ({"private_shards": True}, "private_shards"),
+        ({"private_shards": 1, "subset_selection": False}, "private_shards"),
+        ({"rank": 4, "budget_rank": 4, "private_rank": 3, "private_shards": 2}, "private_shards"),
+        ({"rank": 8, "budget_rank": 2, "private_rank": 1, "shards_per_vector": 2, "private_shards": 3},
+         "private_shards"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
@@ -67,6 +74,12 @@ def test_bad_values_name_the_field(kwargs, field):
     ({"dropout": 1.0}, "finite number in [0, 1)"),
     ({"init": "xavier"}, "one of kaiming | gaussian"),
     ({"subset_selection": None}, "True or False"),
+    ({"private_shards": -1}, "integer >= 0"),
+    ({"private_shards": 1, "subset_selection": False}, "turn subset_selection on or set private_shards=0"),
+    ({"rank": 4, "budget_rank": 4, "private_rank": 3, "private_shards": 2},
+     "set private_shards <= 1 or raise rank"),
+    ({"rank": 8, "budget_rank": 2, "private_rank": 1, "shards_per_vector": 2, "private_shards": 3},
+     "set private_shards <= 2 or raise budget_rank"),
 ])
 def test_messages_state_the_allowed_range(kwargs, allowed):
     with pytest.raises(ConfigError, match=re.escape(allowed)):
@@ -195,16 +208,27 @@ def test_subset_selection_off_shrinks_pool_and_says_why():
     assert "subset selection off" in plan.note
 
 
-@pytest.mark.parametrize("layer_scale", [False, True])
-def test_budget_never_exceeds_lora(layer_scale):
+def draw_private_shards(data, c: dict) -> int:
+    """A ``private_shards`` that ``MoSConfig`` accepts for ``c`` (at least 1 where one is)."""
+    most = min((c["r"] - c["p"]) * c["l"], (c["e"] - c["p"]) * c["l"])
+    return data.draw(st.integers(min(1, most), most))
+
+
+@pytest.mark.parametrize("layer_scale, private_shards", [(False, False), (True, False), (False, True),
+                                                         (True, True)])
+def test_budget_never_exceeds_lora(layer_scale, private_shards):
     tally = {"asserted": 0, "refused": 0}
 
     @settings(max_examples=300, deadline=None)
-    @given(budgets())
-    def check(c):
+    @given(budgets(), st.data())
+    def check(c, data):
+        if private_shards:  # they need subset selection
+            c = {**c, "subset": True, "k": draw_private_shards(data, {**c, "subset": True})}
+        k = c.get("k", 0)
         try:
             cfg = MoSConfig(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"],
-                            private_rank=c["p"], subset_selection=c["subset"], layer_scale=layer_scale)
+                            private_rank=c["p"], subset_selection=c["subset"], layer_scale=layer_scale,
+                            private_shards=k)
             plan = solve_pools(cfg, c["layers"], c["d_in"], c["d_out"])
         except ValueError as err:
             assert str(err)  # a refusal says why
@@ -214,12 +238,81 @@ def test_budget_never_exceeds_lora(layer_scale):
         if c["subset"]:  # the pools take what is left; the scales cost less than one shard more
             shard = (c["d_in"] + c["d_out"]) // c["l"]
             assert plan.lora_params(c["e"]) - plan.total_params < (shard if layer_scale else 1)
-        assert plan.shards >= (c["r"] - c["p"]) * c["l"]  # a layer's shards always fit in the pool
+        # a layer's public draws always fit in the public rows, its private shards after them
+        assert plan.public_shards >= (c["r"] - c["p"]) * c["l"] - k
+        assert plan.shards == plan.public_shards + c["layers"] * k and plan.private_shards == k
         tally["asserted"] += 1
 
     check()
-    # the scales refuse the narrowest drawn layers, where r·L outweighs the spare shards
-    assert tally["asserted"] >= (0.6 if layer_scale else 0.9) * sum(tally.values()), tally
+    # the scales refuse the narrowest drawn layers, where r·L outweighs the spare shards; the
+    # private shards, the settings whose rank only just fits
+    floor = {(False, False): 0.9, (True, False): 0.6, (False, True): 0.6, (True, True): 0.4}
+    assert tally["asserted"] >= floor[layer_scale, private_shards] * sum(tally.values()), tally
+
+
+def test_private_shards_refusals_give_advice_that_holds():
+    """When the pools are too small, the error names the largest private_shards or rank that
+    fits: that one is accepted and one more is refused."""
+    tally = {"private_shards": 0, "rank": 0, "accepted": 0}
+
+    def plan(c: dict, **change):
+        cfg = dict(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"], private_rank=c["p"],
+                   private_shards=c["k"])
+        cfg.update(change)
+        return solve_pools(MoSConfig(**cfg), c["layers"], c["d_in"], c["d_out"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(budgets(), st.data())
+    def check(c, data):
+        c = {**c, "r": c["r"] + data.draw(st.integers(0, 2))}  # now and then past what fits
+        c = {**c, "k": draw_private_shards(data, c)}
+        assume(c["k"] > 0)
+        try:
+            plan(c)
+        except ConfigError as err:
+            tally[err.field] += 1
+            if err.field == "private_shards":
+                fits = int(re.search(r"set private_shards <= (\d+)", str(err))[1])
+                assert fits < c["k"]
+                plan(c, private_shards=fits)
+                with pytest.raises(ConfigError):
+                    plan(c, private_shards=fits + 1)
+            else:
+                assert err.field == "rank"
+                fits = int(re.search(r"the largest rank that fits is (\d+)", str(err))[1])
+                plan(c, rank=fits)
+                with pytest.raises(ConfigError):
+                    plan(c, rank=fits + 1)
+            return
+        tally["accepted"] += 1
+
+    check()
+    assert min(tally.values()) >= 10, tally
+
+
+def test_private_shards_at_budget_rank_one_privatize_part_of_a_rank():
+    # e = 1 forbids a private rank (no pool would be left); half a rank can still be private
+    with pytest.raises(ConfigError, match="private_rank"):
+        MoSConfig(rank=4, budget_rank=1, private_rank=1)
+    cfg = MoSConfig(rank=4, budget_rank=1, private_rank=0, shards_per_vector=2, private_shards=1)
+    plan = solve_pools(cfg, num_layers=8, d_in=32, d_out=16)
+    assert plan.shards == 1 * 8 * 2 and plan.public_shards == 16 - 8
+    assert plan.private_params == 8 * 1 * (16 + 8) and plan.public_params == 8 * (16 + 8)
+    assert plan.total_params == plan.lora_params(1)
+
+
+def test_private_shards_that_crowd_out_the_public_rows_are_refused_by_name():
+    # 4 layers, e = 2, l = 2: 16 pool rows; k = 3 each leaves 4 public, but a layer draws 8 - 3
+    cfg = MoSConfig(rank=4, budget_rank=2, shards_per_vector=2, private_shards=3)
+    with pytest.raises(ConfigError, match="set private_shards <= 2, lower rank") as err:
+        solve_pools(cfg, num_layers=4, d_in=8, d_out=8)
+    assert err.value.field == "private_shards"
+    # beyond what any private_shards allows, the rank is at fault, and the largest that fits
+    # counts the private shards' rows: (16 - 4 + 1) // 2
+    cfg = MoSConfig(rank=9, budget_rank=2, shards_per_vector=2, private_shards=1)
+    with pytest.raises(ConfigError, match="rank=9 cannot be met.*largest rank that fits is 6") as err:
+        solve_pools(cfg, num_layers=4, d_in=8, d_out=8)
+    assert err.value.field == "rank"
 
 
 def test_layer_scale_that_eats_the_pool_is_refused_by_name():

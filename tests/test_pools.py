@@ -175,3 +175,104 @@ def test_pool_init_scale_scales_the_public_a_pool_only():
     plain, small = make_pools(), make_pools(pool_init_scale=0.25)
     torch.testing.assert_close(small.pool_A, 0.25 * plain.pool_A)
     torch.testing.assert_close(small.private_A, plain.private_A)
+
+
+def route_as_before_private_shards(cfg: MoSConfig, plan, generator: torch.Generator):
+    """``route`` as it was before ``private_shards`` (verbatim but for names): the draw
+    sequence that every saved seed's indices came from."""
+    layers, shards = plan.num_layers, plan.shards
+    per_layer = (plan.rank - plan.private_rank) * plan.shards_per_vector
+
+    def draw(shuffle: bool):
+        if cfg.subset_selection:
+            rows = [torch.randperm(shards, generator=generator)[:per_layer] for _ in range(layers)]
+            flat = torch.stack(rows) if rows else torch.empty(0, per_layer, dtype=torch.long)
+        else:
+            order = torch.randperm(shards, generator=generator) if shuffle else torch.arange(shards)
+            flat = order[:per_layer].expand(layers, per_layer).clone()
+        return flat.view(layers, plan.rank - plan.private_rank, plan.shards_per_vector)
+
+    index_a = draw(shuffle=False).to(torch.int32)
+    index_b = draw(shuffle=True).to(torch.int32) if cfg.pair_dissociation else index_a.clone()
+    return index_a, index_b
+
+
+@settings(max_examples=100, deadline=None)
+@given(c=budgets(max_budget=4, max_layers=8, max_width=4), pair=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_no_private_shards_routes_exactly_as_before(c, pair, seed):
+    try:
+        cfg = MoSConfig(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"], private_rank=c["p"],
+                        subset_selection=c["subset"], pair_dissociation=pair, seed=seed)
+        plan = solve_pools(cfg, c["layers"], c["d_in"], c["d_out"])
+    except ValueError:
+        assume(False)
+    new = route(cfg, plan, kind_generator(seed, "kind"))
+    old = route_as_before_private_shards(cfg, plan, kind_generator(seed, "kind"))
+    assert all(torch.equal(x, y) for x, y in zip(new, old))
+
+
+def private_shard_configs():
+    """(config, layers, d_in, d_out) with at least one private shard per layer, that solve."""
+    @st.composite
+    def draw(draw):
+        c = draw(budgets(max_budget=4, max_layers=8, max_width=4))
+        most = min((c["r"] - c["p"]) * c["l"], (c["e"] - c["p"]) * c["l"])
+        assume(most >= 1)
+        cfg = MoSConfig(rank=c["r"], budget_rank=c["e"], shards_per_vector=c["l"], private_rank=c["p"],
+                        private_shards=draw(st.integers(1, most)), pair_dissociation=draw(st.booleans()),
+                        layer_scale=draw(st.booleans()), seed=draw(st.integers(0, 100)))
+        try:
+            solve_pools(cfg, c["layers"], c["d_in"], c["d_out"])
+        except ValueError:
+            assume(False)
+        return cfg, c["layers"], c["d_in"], c["d_out"]
+    return draw()
+
+
+@settings(max_examples=150, deadline=None)
+@given(setting=private_shard_configs())
+def test_private_shards_are_routed_by_their_layer_only_once_and_first(setting):
+    cfg, layers, d_in, d_out = setting
+    plan = solve_pools(cfg, layers, d_in, d_out)
+    index_a, index_b = route(cfg, plan, kind_generator(cfg.seed, "kind"))
+    k, public = cfg.private_shards, plan.public_shards
+    for i in range(layers):
+        own = set(range(public + i * k, public + (i + 1) * k))
+        for index in (index_a, index_b):
+            flat = index[i].flatten().tolist()
+            assert flat[:k] == sorted(own)  # the first k slots, each of its rows once, on both sides
+            assert all(0 <= j < public for j in flat[k:])  # the rest: public rows only
+            assert len(set(flat)) == len(flat)  # no row twice in a layer, public or private
+    if not cfg.pair_dissociation:
+        assert torch.equal(index_a, index_b)
+    # every private row has one layer, and all pool rows fit the pool
+    assert int(index_a.max()) < plan.shards and int(index_b.max()) < plan.shards
+
+
+def test_private_shards_cost_what_the_plan_says_and_assemble_as_the_reference():
+    # 12 pool rows: one private shard per layer, 6 public rows for a layer's other 5 slots
+    pools = make_pools(layers=6, rank=4, budget_rank=2, private_rank=1, shards_per_vector=2,
+                       private_shards=1)
+    assert pools.plan.shards == 12 and pools.plan.public_shards == 6
+    assert pools.pool_A.shape == (12, 8) and pools.pool_B.shape == (12, 12)
+    assert sum(x.numel() for x in pools.parameters()) == pools.plan.total_params == pools.plan.lora_params(2)
+    with torch.no_grad():
+        for param in pools.parameters():
+            param.normal_()
+    for k in range(6):
+        assert all(torch.equal(x, y) for x, y in zip(pools.factors(k), assemble_by_loop(pools, k)))
+
+
+def test_gradients_of_a_layer_s_private_shards_come_from_that_layer_only():
+    pools = make_pools(layers=6, rank=3, budget_rank=3, private_rank=1, shards_per_vector=2,
+                       private_shards=2)
+    with torch.no_grad():
+        pools.pool_B.normal_()
+    public, k = pools.plan.public_shards, 2
+    for layer in range(6):
+        pools.zero_grad()
+        a, b = pools.factors(layer)
+        (b @ a).sum().backward()
+        for grad in (pools.pool_A.grad, pools.pool_B.grad):
+            touched = {i for i in range(public, pools.plan.shards) if grad[i].abs().sum() > 0}
+            assert touched == set(range(public + layer * k, public + (layer + 1) * k))

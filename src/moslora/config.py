@@ -1,8 +1,8 @@
 """MoSConfig: every knob of Mixture of Shards, validated at construction, and the budget solver.
 
 The solver answers one question per layer kind: given the LoRA budget rank `e`, the per-layer
-rank `r`, shards per vector `l` and private ranks `p`, how many shards must each public pool
-hold so that MoS costs no more trainable parameters than LoRA at rank `e`?
+rank `r`, shards per vector `l`, private ranks `p` and private shards `k`, how many shards must
+each pool hold so that MoS costs no more trainable parameters than LoRA at rank `e`?
 """
 
 from __future__ import annotations
@@ -74,6 +74,14 @@ class MoSConfig:
             entry moves by about the learning rate, so the used one moves ``c`` times that).
         pool_init_scale: multiplies the initial public ``A`` pool (the private ``A`` keeps
             LoRA's init).
+        private_shards: ``k`` shards per side private to each layer, on top of the
+            ``private_rank`` whole ranks: privatization by ``k / l`` of a rank, so that e.g.
+            ``budget_rank=1`` (where ``private_rank`` must be 0) can still privatize part of a
+            rank. They are the last ``L · k`` rows of the pools (layer ``i`` owns rows
+            ``n_pub + i·k + j``, ``j < k``) and fill the first ``k`` of a layer's
+            ``(r - p) · l`` routed slots, on both sides; the pools' variants above
+            (``pool_lr_scale``, ``pool_init_scale``) treat these rows as pool rows. Needs
+            ``subset_selection`` (pure sharing has no per-layer routing to privatize).
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -90,12 +98,14 @@ class MoSConfig:
     layer_scale: bool = False
     pool_lr_scale: float = 1.0
     pool_init_scale: float = 1.0
+    private_shards: int = 0
 
     def __post_init__(self) -> None:
         self._validate_targets()
         for name in ("rank", "budget_rank", "shards_per_vector"):
             require_int(name, getattr(self, name), minimum=1)
         require_int("private_rank", self.private_rank, minimum=0)
+        require_int("private_shards", self.private_shards, minimum=0)
         require_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.private_rank > self.rank:
             raise ConfigError("private_rank",
@@ -120,6 +130,33 @@ class MoSConfig:
         require_float("alpha", self.alpha, low=0.0, low_open=True)
         require_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         require_choice("init", self.init, INIT_SCHEMES)
+        self._validate_private_shards()
+
+    def _validate_private_shards(self) -> None:
+        """The layer-independent bounds of ``private_shards`` (``solve_pools`` checks the rest)."""
+        k, l = self.private_shards, self.shards_per_vector
+        if not k:
+            return
+        if not self.subset_selection:
+            raise ConfigError(
+                "private_shards",
+                f"private_shards={k} needs subset_selection: without it every layer routes the "
+                "whole pool in the same order, so no slot is a layer's own; turn subset_selection "
+                "on or set private_shards=0")
+        slots = self.public_rank * l
+        if k > slots:
+            raise ConfigError(
+                "private_shards",
+                f"private_shards={k} exceeds the {slots} routed slots of a layer "
+                f"((rank - private_rank) · shards_per_vector): set private_shards <= {slots} or "
+                "raise rank")
+        spare = (self.budget_rank - self.private_rank) * l
+        if k > spare:
+            raise ConfigError(
+                "private_shards",
+                f"private_shards={k} exceeds (budget_rank - private_rank) · shards_per_vector = "
+                f"{spare}: the private shards alone would cost more than LoRA at the budget rank; "
+                f"set private_shards <= {spare} or raise budget_rank")
 
     def _validate_targets(self) -> None:
         targets = self.target_modules
@@ -216,8 +253,9 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class PoolPlan:
     """Solved sizes for one layer kind: ``L`` layers of shape ``d_in -> d_out``.
 
-    ``shards`` is the number of rows in each public pool (``n_A = n_B``); each shard of the A
-    pool has ``d_in / l`` entries and each of the B pool ``d_out / l``.
+    ``shards`` is the number of rows in each pool (``n_A = n_B``); each shard of the A pool has
+    ``d_in / l`` entries and each of the B pool ``d_out / l``. Rows ``[0, public_shards)`` are
+    public; with ``private_shards = k`` the last ``L · k`` rows are private, ``k`` per layer.
     """
 
     num_layers: int
@@ -230,19 +268,28 @@ class PoolPlan:
     shards: int
     note: str = ""
     layer_scale: bool = False
+    private_shards: int = 0
 
     @property
     def shard_dims(self) -> tuple[int, int]:
         return self.d_in // self.shards_per_vector, self.d_out // self.shards_per_vector
 
     @property
+    def public_shards(self) -> int:
+        """Pool rows routed from by every layer: ``shards`` less the layers' private shards."""
+        return self.shards - self.num_layers * self.private_shards
+
+    @property
     def private_params(self) -> int:
-        return self.num_layers * self.private_rank * (self.d_in + self.d_out)
+        """The private segments' parameters and the layers' private shards'."""
+        a, b = self.shard_dims
+        return (self.num_layers * self.private_rank * (self.d_in + self.d_out)
+                + self.num_layers * self.private_shards * (a + b))
 
     @property
     def public_params(self) -> int:
         a, b = self.shard_dims
-        return self.shards * (a + b)
+        return self.public_shards * (a + b)
 
     @property
     def scale_params(self) -> int:
@@ -259,16 +306,18 @@ class PoolPlan:
 
 
 def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: str = "") -> PoolPlan:
-    """Size the public pools of one layer kind so MoS costs at most LoRA at ``budget_rank``.
+    """Size the pools of one layer kind so MoS costs at most LoRA at ``budget_rank``.
 
     With subset selection, the pools get exactly the budget left after the private segments:
-    ``n = (e - p) · L · l`` shards per side (less the shards that pay for the layer scales,
-    if on). Without it every layer uses the whole pool in the same order, so the pool holds
-    just one layer's ``(r - p) · l`` shards per side.
+    ``n = (e - p) · L · l`` shards per side, of which ``L · k`` are the layers' private shards
+    and the rest public (less the shards that pay for the layer scales, if on). Without it
+    every layer uses the whole pool in the same order, so the pool holds just one layer's
+    ``(r - p) · l`` shards per side.
     Raises ``ConfigError`` (a ``ValueError``) naming the knob to change when the budget cannot
     be met.
     """
     e, r, p, l = cfg.budget_rank, cfg.rank, cfg.private_rank, cfg.shards_per_vector
+    k = cfg.private_shards
     where = f" for {kind}" if kind else ""
     for side, dim in (("d_in", d_in), ("d_out", d_out)):
         if dim % l:
@@ -276,22 +325,19 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
                 f"shards_per_vector={l} does not divide {side}={dim}{where}: "
                 f"choose a shards_per_vector that divides both d_in={d_in} and d_out={d_out}"
             )
-    max_rank = p + (e - p) * num_layers
-    if r > max_rank:
-        raise ConfigError("rank",
-            f"rank={r} cannot be met{where}: {num_layers} layer(s) at budget_rank={e} with "
-            f"private_rank={p} leave {(e - p) * num_layers} public rank(s) in the pool, and a "
-            f"layer needs rank - private_rank = {r - p} distinct ones; the largest rank that "
-            f"fits is {max_rank} (or raise budget_rank)"
-        )
+    # a layer draws (r - p)·l - k distinct public shards from the (e - p)·L·l - L·k public rows
+    routed, public = (r - p) * l - k, (e - p) * num_layers * l - num_layers * k
+    if routed > public:
+        _refuse_unroutable(cfg, num_layers, routed, public, where)
     if cfg.subset_selection:
         shard_size = (d_in + d_out) // l
         scales = num_layers * r if cfg.layer_scale else 0
-        shards, note = (e - p) * num_layers * l - math.ceil(scales / shard_size), ""
-        if shards < (r - p) * l:
+        public -= math.ceil(scales / shard_size)
+        shards, note = public + num_layers * k, ""
+        if public < routed:
             raise ConfigError("layer_scale",
-                f"layer_scale's {scales} parameters{where} leave {shards} public shards, fewer than "
-                f"the {(r - p) * l} a layer routes to: lower rank, raise budget_rank, or turn "
+                f"layer_scale's {scales} parameters{where} leave {public} public shards, fewer than "
+                f"the {routed} a layer routes to: lower rank, raise budget_rank, or turn "
                 "layer_scale off")
     else:
         shards = (r - p) * l
@@ -300,10 +346,34 @@ def solve_pools(cfg: MoSConfig, num_layers: int, d_in: int, d_out: int, kind: st
             if shards < (e - p) * num_layers * l
             else ""
         )
-    plan = PoolPlan(num_layers, d_in, d_out, r, p, l, e, shards, note, cfg.layer_scale)
+    plan = PoolPlan(num_layers, d_in, d_out, r, p, l, e, shards, note, cfg.layer_scale, k)
     if plan.total_params > plan.lora_params(e):
         raise ConfigError("layer_scale",
             f"layer_scale's {plan.scale_params} parameters{where} put MoS at {plan.total_params:,} "
             f"parameters, over LoRA's {plan.lora_params(e):,} at budget_rank={e}: turn layer_scale "
             "off or turn subset_selection on (its pools pay for the scales)")
     return plan
+
+
+def _refuse_unroutable(cfg: MoSConfig, layers: int, routed: int, public: int, where: str) -> None:
+    """Raise the ``ConfigError`` for a layer that draws ``routed`` distinct public shards from
+    fewer, ``public``: naming ``private_shards`` when fewer of them would let the rank fit,
+    else ``rank`` with the largest that fits."""
+    e, r, p, l, k = (cfg.budget_rank, cfg.rank, cfg.private_rank, cfg.shards_per_vector,
+                     cfg.private_shards)
+    max_rank = p + (public + k) // l  # from (r' - p)·l - k <= public
+    if k and r - p <= (e - p) * layers:  # the rank fits once the private shards are fewer
+        # (r - p)·l - k' <= (e - p)·L·l - L·k'; L > 1 here, as with one layer k cancels out
+        fits = ((e - p) * layers - (r - p)) * l // (layers - 1)
+        raise ConfigError("private_shards",
+            f"private_shards={k}{where} take {layers * k} of the pools' {public + layers * k} "
+            f"shards, leaving {public} public ones, fewer than the {routed} a layer draws: set "
+            f"private_shards <= {fits}, lower rank (at most {max_rank} fits), or raise budget_rank")
+    left = (f"private_rank={p} and private_shards={k} leave {public} public shard(s) in the pool, "
+            f"and a layer draws (rank - private_rank) · shards_per_vector - private_shards = "
+            f"{routed} distinct ones" if k else
+            f"private_rank={p} leave {(e - p) * layers} public rank(s) in the pool, and a layer "
+            f"needs rank - private_rank = {r - p} distinct ones")
+    raise ConfigError("rank",
+        f"rank={r} cannot be met{where}: {layers} layer(s) at budget_rank={e} with {left}; the "
+        f"largest rank that fits is {max_rank} (or raise budget_rank)")

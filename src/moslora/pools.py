@@ -1,9 +1,10 @@
 """ShardPools: the trainable state of one layer kind, and the one place where the MoS math lives.
 
-For a kind with ``L`` layers, per-layer rank ``r``, ``p`` private ranks and ``l`` shards per
-vector, a ``ShardPools`` holds
+For a kind with ``L`` layers, per-layer rank ``r``, ``p`` private ranks, ``k`` private shards
+and ``l`` shards per vector, a ``ShardPools`` holds
 
-- public pools ``pool_A: (n, d_in / l)`` and ``pool_B: (n, d_out / l)`` (rows are shards),
+- pools ``pool_A: (n, d_in / l)`` and ``pool_B: (n, d_out / l)`` (rows are shards): rows
+  ``[0, n_pub)`` public, then ``k`` private rows per layer (``MoSConfig.private_shards``),
 - private segments ``private_A: (L, p, d_in)`` and ``private_B: (L, d_out, p)``,
 - fixed routing indices ``index_A, index_B: (L, r - p, l)`` (buffers, saved with the adapter),
 - with ``MoSConfig.layer_scale``, a per-layer scale of each rank ``scale: (L, r)``,
@@ -33,16 +34,22 @@ def route(cfg: MoSConfig, plan: PoolPlan, generator: torch.Generator) -> tuple[T
 
     Subset selection: each layer draws its ``(r - p) · l`` shards without replacement, so a
     layer never repeats a shard. Off: every layer takes the whole pool in the same order.
+    Private shards (``k``): the first ``k`` of layer ``i``'s flattened slots are its own rows
+    ``n_pub + i·k + j``, on both sides; the other slots draw from the public rows as above.
     Pair dissociation: the B side gets its own independent draw; off: B reuses A's index.
     """
-    layers, shards = plan.num_layers, plan.shards
+    layers, shards, k = plan.num_layers, plan.shards, plan.private_shards
     per_layer = (plan.rank - plan.private_rank) * plan.shards_per_vector
+    own = torch.arange(plan.public_shards, shards).view(layers, k)  # (L, k): layer i's rows
 
     def draw(shuffle: bool) -> Tensor:
         if cfg.subset_selection:
-            rows = [torch.randperm(shards, generator=generator)[:per_layer] for _ in range(layers)]
-            flat = torch.stack(rows) if rows else torch.empty(0, per_layer, dtype=torch.long)
-        else:
+            # randperm over the public rows only: with k = 0 the same draws as ever (same seeds)
+            rows = [torch.randperm(plan.public_shards, generator=generator)[:per_layer - k]
+                    for _ in range(layers)]
+            drawn = torch.stack(rows) if rows else torch.empty(0, per_layer - k, dtype=torch.long)
+            flat = torch.cat([own, drawn], dim=1)
+        else:  # no private shards here (MoSConfig refuses them without subset selection)
             order = torch.randperm(shards, generator=generator) if shuffle else torch.arange(shards)
             flat = order[:per_layer].expand(layers, per_layer).clone()
         return flat.view(layers, plan.rank - plan.private_rank, plan.shards_per_vector)
@@ -63,7 +70,8 @@ def _gather(pool: Tensor, index: Tensor) -> Tensor:
 
 
 class ShardPools(nn.Module):
-    """Public pools, private segments and routing of one layer kind.
+    """Pools (public shards, then each layer's private shards), private segments and routing
+    of one layer kind.
 
     Args:
         plan: the solved sizes (``solve_pools``).
@@ -108,7 +116,8 @@ class ShardPools(nn.Module):
         p = self.plan
         return (
             f"layers={p.num_layers}, d_in={p.d_in}, d_out={p.d_out}, rank={p.rank}, "
-            f"private_rank={p.private_rank}, shards={p.shards}, shard_dims={p.shard_dims}"
+            f"private_rank={p.private_rank}, shards={p.shards}, private_shards={p.private_shards}, "
+            f"shard_dims={p.shard_dims}"
         )
 
 
