@@ -228,7 +228,7 @@ def run_mixed(workdir: Path, adapters: int = 4, valid: int = 240, malformed: int
     del app
     gc.collect()
     report = mm.memory_report()
-    tally.update(adapter_bytes_after_unload=report["adapters_total"] + report["cache"],
+    tally.update(adapter_bytes_after_unload=report["adapters_total"],
                  total_bytes_baseline=baseline, total_bytes_after_unload=report["total"],
                  adapter_tensors_alive_after_gc=sum(ref() is not None for ref in tensors),
                  adapter_tensors_tracked=len(tensors))

@@ -12,9 +12,8 @@ in two phases: *prefill*, the forward pass over 32 x 64 tokens with the logits o
 position (``logits_to_keep=1``, as ``generate`` does), and *generate*, greedy decoding of 16
 new tokens after a 16-token prompt; each timed interleaved across
 
-- ``mos``: ``MultiAdapterModel`` (factors assembled per call);
-- ``mos_cache``: the same with a ``FactorCache`` budget (hot adapters' factors kept dense;
-  prefill on llama-small only);
+- ``mos``: ``MultiAdapterModel`` (each layer's factors gathered from the stacked pools at
+  every forward);
 - ``peft``: ``PeftModel`` with the same adapters exported by ``export_peft_lora`` and
   ``adapter_names=[...]`` (PEFT's mixed-batch inference);
 - ``merged``: one adapter merged into the base (the ceiling: no adapter work at all).
@@ -53,7 +52,7 @@ from moslora.serving import MultiAdapterModel
 from . import random_llama
 
 Forward = Callable[[torch.Tensor, list[str | None]], torch.Tensor]
-COLORS = {"mos": "C0", "mos_cache": "C1", "peft": "C2", "merged": "C3"}  # one color per system in every panel
+COLORS = {"mos": "C0", "peft": "C2", "merged": "C3"}  # one color per system in every panel
 
 
 @dataclass
@@ -67,7 +66,6 @@ class Track:
     threads: list[int]
     reps: int
     peft_max: int  # largest N served by PEFT (each PEFT adapter is a dense rank-r LoRA)
-    cache: bool = True  # measure mos_cache too
     left_out: str = ""  # what was not measured, and why
     vocab: int = field(init=False)
 
@@ -87,17 +85,16 @@ def smollm2(args: argparse.Namespace) -> Track:
     from moslora.base import load_base
 
     peft_max = min(args.smollm2_peft_max, max(args.adapters))
-    left_out = ("mos_cache (measured on llama-small; a SmolLM2 adapter's dense factors are 19.6 MB, "
-                "so a 128 MB cache holds 6 of them)")
+    left_out = ""
     if peft_max < max(args.adapters):
-        left_out += (f"; PEFT at N > {peft_max} (each PEFT adapter is a dense rank-16 LoRA of 19.6 MB to "
+        left_out += (f"PEFT at N > {peft_max} (each PEFT adapter is a dense rank-16 LoRA of 19.6 MB to "
                      "export and load, and its forward takes seconds on 2 shared CPU cores: beyond the "
                      "~15 min budget of this track)")
     return Track(
         "smollm2", "SmolLM2-135M-Instruct (pretrained, fp32): 30 layers, hidden 576, vocab 49152",
         load_base(None)[0].eval(),
         MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2),
-        threads=args.smollm2_threads, reps=args.smollm2_reps, peft_max=peft_max, cache=False, left_out=left_out)
+        threads=args.smollm2_threads, reps=args.smollm2_reps, peft_max=peft_max, left_out=left_out)
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -143,10 +140,9 @@ class Contenders:
     """The four systems over the first ``n`` adapters, grown in place as N increases (so the
     adapters of a smaller N are not loaded again), plus the same-seed registry for memory."""
 
-    def __init__(self, track: Track, dirs: list[Path], same: list[Path], cache_bytes: int) -> None:
+    def __init__(self, track: Track, dirs: list[Path], same: list[Path]) -> None:
         self.track, self.dirs, self.same = track, dirs, same
         self.mos = MultiAdapterModel(copy.deepcopy(track.base))
-        self.mos_cache = MultiAdapterModel(copy.deepcopy(track.base), cache_bytes)
         self.same_seed = MultiAdapterModel(copy.deepcopy(track.base))
         self.peft: PeftModel | None = None
         self.merged = MoSModel.from_pretrained(copy.deepcopy(track.base), dirs[0]).merge_and_unload()
@@ -156,8 +152,6 @@ class Contenders:
         for i in range(self.n, n):
             name = f"a{i}"
             self.mos.load_adapter(name, self.dirs[i])
-            if self.track.cache:
-                self.mos_cache.load_adapter(name, self.dirs[i])
             self.same_seed.load_adapter(name, self.same[i])
             if i < self.track.peft_max:
                 peft_dir = self.dirs[i].with_name(f"peft{i}")
@@ -173,15 +167,12 @@ class Contenders:
             "mos": lambda ids, rows: self.mos(ids, adapter_names=rows, logits_to_keep=1).logits,
             "merged": lambda ids, rows: self.merged(input_ids=ids, logits_to_keep=1).logits,
         }
-        if self.track.cache:
-            systems["mos_cache"] = lambda ids, rows: self.mos_cache(ids, adapter_names=rows, logits_to_keep=1).logits
         if self.n <= self.track.peft_max:
             systems["peft"] = lambda ids, rows: self.peft(input_ids=ids, adapter_names=rows, logits_to_keep=1).logits
         return systems
 
     def generators(self, new_tokens: int) -> dict[str, Forward]:
-        """Greedy ``generate`` of exactly ``new_tokens`` tokens per row (no cache variant: the
-        cache only changes the once-per-call assembly)."""
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens per row."""
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         systems: dict[str, Forward] = {
             "mos": lambda ids, rows: self.mos.generate(ids, adapter_names=rows, **kw),
@@ -254,9 +245,8 @@ def max_diffs(c: Contenders) -> dict[str, float | bool]:
                                   - MoSModel.from_pretrained(copy.deepcopy(c.track.base), c.same[0])(
                                       input_ids=ids, logits_to_keep=1).logits).abs().max().item(),
     }
-    for name in ("mos", "mos_cache"):
-        if name in out and "peft" in out:
-            diffs[f"{name}_vs_peft"] = (out[name] - out["peft"]).abs().max().item()
+    if "peft" in out:
+        diffs["mos_vs_peft"] = (out["mos"] - out["peft"]).abs().max().item()
     if "peft" in out:
         tokens = {name: g(ids, rows) for name, g in c.generators(4).items() if name != "merged"}
         diffs["generate_mos_equals_peft"] = torch.equal(tokens["mos"], tokens["peft"])
@@ -274,18 +264,14 @@ def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
     """Medians, tokens/s (``tokens`` per call) and our paired speedups of one phase."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     out: dict[str, Any] = {"median_seconds": med, "tokens_per_s": {name: tokens / m for name, m in med.items()}}
-    for name in ("mos", "mos_cache"):
-        if name in times:
-            out[f"{name}_over_merged"] = paired_speedup(times, name, "merged")
-            out[f"{name}_over_peft"] = paired_speedup(times, name, "peft") if "peft" in times else None
+    out["mos_over_merged"] = paired_speedup(times, "mos", "merged")
+    out["mos_over_peft"] = paired_speedup(times, "mos", "peft") if "peft" in times else None
     return out
 
 
 def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Prefill (``batch x seq`` tokens) and generate (``new_tokens`` per row after a prompt of
     ``prompt`` tokens) of every system at N = ``c.n``."""
-    cache = c.mos_cache.cache
-    hits, misses = cache.hits, cache.misses
     torch.set_num_threads(threads)
     prefill = timings(c.prefill(), c, args, args.seq)
     generate = timings(c.generators(args.new_tokens), c, args, args.prompt)
@@ -293,8 +279,6 @@ def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: arg
         "adapters": c.n,
         "prefill": phase(prefill, args.batch * args.seq),
         "generate": phase(generate, args.batch * args.new_tokens),
-        "cache_hit_rate": (cache.hits - hits) / max(1, cache.hits - hits + cache.misses - misses),
-        "cache_bytes": cache.bytes,
         "checks": diffs,
         # other processes on the machine skew the timings: keep the evidence
         "load_average": os.getloadavg(),
@@ -322,7 +306,7 @@ def run_track(track: Track, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         dirs, report = distinct_seed_adapters(track, max(args.adapters), Path(tmp))
         same = same_seed_adapters(track, max(args.adapters), Path(tmp))
-        c = Contenders(track, dirs, same, args.cache_mb * 2**20)
+        c = Contenders(track, dirs, same)
         result["setup_seconds"] = time.perf_counter() - start
         for count in sorted(args.adapters):
             c.grow(count)
@@ -402,7 +386,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=64, help="prefill tokens per row")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row for generate")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row")
-    ap.add_argument("--cache-mb", type=int, default=128)
     ap.add_argument("--out", default=None, help="default results/serving.json (--quick: runs/serving-quick.json)")
     args = ap.parse_args()
     if args.quick:

@@ -10,14 +10,12 @@
     mm.generate(input_ids, adapter_names=["x", "y"], max_new_tokens=8)  # x, y loaded on first use
 """
 
-from .cache import FactorCache
 from .multi import BASE, MultiAdapterLinear, MultiAdapterModel, ResidencyStats, UnknownAdapterError
 from .root import AdapterRoot
 
 __all__ = [
     "BASE",
     "AdapterRoot",
-    "FactorCache",
     "MultiAdapterLinear",
     "MultiAdapterModel",
     "ResidencyStats",

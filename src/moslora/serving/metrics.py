@@ -66,7 +66,7 @@ class ServerMetrics:
         self.queue_depth.set(queue_depth)
         self.adapters.set(len(memory["adapters"]))
         self.available.set(available)
-        for part in ("base", "adapters_total", "cache", "total", "budget"):
+        for part in ("base", "adapters_total", "total", "budget"):
             if memory[part] is not None:  # no budget: no series
                 self.resident.labels(part).set(memory[part])
         for event, counter in self.residency.items():

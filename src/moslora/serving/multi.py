@@ -4,14 +4,15 @@ Each adapter stays in its compact form (pools, private segments, routing indices
 
 1. groups its rows by adapter (``Rows``: a slice when an adapter's rows are contiguous, else
    an index);
-2. assembles the factors ``A: (r, d_in)``, ``B: (d_out, r)`` of each adapter present
-   (``ShardPools.factors``, one gather per kind, or from the ``FactorCache``) and gives every
-   wrapped layer one ``Update`` per adapter that targets it;
-3. runs the base once. Each ``MultiAdapterLinear`` computes ``base(x)`` for the whole batch and
-   adds each adapter's ``scale · B (A x)`` on that adapter's rows (Punica/S-LoRA's segmented
-   form, through ``layer.low_rank_update``): the factors are read once per adapter, never
-   copied per row. A batch whose rows all name one adapter is two plain matmuls over all
-   tokens; base rows are in no update, so they get the bare base exactly.
+2. lays each kind's pools of the adapters present end to end (``StackedPools``: about
+   ``e / r`` of their dense factors' bytes) and gives every wrapped layer a ``Route``: one
+   ``Update`` per adapter that targets it, and the indices that assemble their factors;
+3. runs the base once. Each ``MultiAdapterLinear`` computes ``base(x)`` for the whole batch,
+   gathers its adapters' factors ``A: (G, r, d_in)``, ``B: (G, d_out, r)`` from the stacked
+   pools just in time (the pools stay in cache across layers; no dense factors are kept
+   between decoding steps) and adds each adapter's ``scale · B (A x)`` on that adapter's rows
+   (Punica/S-LoRA's segmented form, through ``layer.low_rank_update``), never copying factors
+   per row. Base rows are in no update, so they get the bare base exactly.
 
 Steps 1-2 happen once per call, so ``generate`` pays them once, not at every new token.
 
@@ -38,10 +39,13 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, read_adapter
 from ..config import MoSConfig
+from ..pools import ShardPools
 from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
 from ..targeting import Kind, UnwrappedView, build_pools, swap_module
-from .cache import FactorCache, Factors
+from .stacked import StackedPools
 from .root import NAME, AdapterRoot
+
+Factors = dict[str, tuple[Tensor, Tensor]]  # module name -> (A: (r, d_in), B: (d_out, r)), unscaled
 
 BASE = "__base__"
 """The name that selects the bare base model for a row (``None`` does too)."""
@@ -146,49 +150,45 @@ class Rows:
 
 
 class Update(NamedTuple):
-    """One adapter's update in one layer for one call: ``a: (r, d_in)``, ``b: (d_out, r)``,
-    its scaling and the rows it applies to."""
+    """One adapter's share of one layer for one call: its rank, scaling and rows."""
 
-    a: Tensor
-    b: Tensor
+    rank: int
     scale: float
     rows: Rows
 
 
 class Route:
-    """One layer's updates for one call, one per adapter of the call that targets the layer.
+    """One layer's updates for one call, one per adapter of the call that targets the layer,
+    with where their factors come from: ``factors()`` gathers them from the kind's
+    ``StackedPools`` at every forward (just in time: pools stay in cache, no dense factors
+    are kept between decoding steps).
 
     A decoding step has one token per row, so one adapter's share is a few matrix-vector
-    products and the cost is the number of operations, not their size: ``stacked`` gives the
-    updates as one batched product instead (every adapter's factors stacked once per call,
-    each adapter's rows padded to the most any adapter has, padding rows scaled by 0).
+    products and the cost is the number of operations, not their size: ``stacked_rows`` gives
+    the rows for one batched product over every adapter instead (each adapter's rows padded to
+    the most any adapter has, padding rows scaled by 0).
     """
 
-    def __init__(self, updates: tuple[Update, ...]) -> None:
-        self.updates = updates
-        self._stacked: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        self._factors: tuple[Tensor, Tensor] | None = None
+    def __init__(self, stack: StackedPools, members: list[tuple[int, int]], updates: tuple[Update, ...]) -> None:
+        self.stack, self.updates = stack, updates
+        self.index = stack.indices(members)
+        self._rows: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def stacked(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For a layer input of ``batch`` rows: ``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)``
-        (zero-padded ranks: exact; ``b`` a view of a contiguous ``(G, r_max, d_out)``, which the
-        second product reads in order), ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
-        if batch not in self._stacked:
-            if self._factors is None:
-                rank = max(u.a.shape[0] for u in self.updates)
-                def pad(t: Tensor) -> Tensor:  # (r, d) -> (rank, d); F.pad copies, so only when short
-                    return t if t.shape[0] == rank else F.pad(t, (0, 0, 0, rank - t.shape[0]))
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)`` of this layer's ``G`` adapters."""
+        return self.stack.factors(*self.index)
 
-                self._factors = (torch.stack([pad(u.a) for u in self.updates]),
-                                 torch.stack([pad(u.b.mT) for u in self.updates]).mT)
+    def stacked_rows(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """For a layer input of ``batch`` rows: ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
+        if batch not in self._rows:
             per_update = [u.rows.positions(batch) for u in self.updates]
             m = max(len(p) for p in per_update)
             rows = [p + [0] * (m - len(p)) for p in per_update]
             scale = [[u.scale] * len(p) + [0.0] * (m - len(p)) for u, p in zip(self.updates, per_update)]
-            a = self._factors[0]
-            self._stacked[batch] = (*self._factors, torch.tensor(scale, dtype=a.dtype, device=a.device).view(-1, 1, 1),
-                                    torch.tensor(rows, device=a.device).view(-1))
-        return self._stacked[batch]
+            device = self.stack.pool_a.device
+            self._rows[batch] = (torch.tensor(scale, dtype=dtype, device=device).view(-1, 1, 1),
+                                 torch.tensor(rows, device=device).view(-1))
+        return self._rows[batch]
 
 
 class MultiAdapterLinear(nn.Module):
@@ -214,13 +214,14 @@ class MultiAdapterLinear(nn.Module):
         # added into base(x)'s fresh output in place (a copy only if the base computes in
         # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
         updates = self.route.updates
-        out = y.to(updates[0].b.dtype)
+        a, b = self.route.factors()
+        out = y.to(a.dtype)
         if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product
-            a, b, scale, rows = self.route.stacked(x.shape[0])
+            scale, rows = self.route.stacked_rows(x.shape[0], a.dtype)
             low_rank_update(x, a, b, scale, out=out, rows=rows)
         else:
-            for a, b, scale, rows in updates:
-                low_rank_update(x, a, b, scale, out=out, rows=rows.index(x.shape[0]))
+            for i, (rank, scale, rows) in enumerate(updates):
+                low_rank_update(x, a[i, :rank], b[i, :, :rank], scale, out=out, rows=rows.index(x.shape[0]))
         return out.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -237,7 +238,6 @@ class MultiAdapterModel(nn.Module):
         base_model: a plain base model (a transformers ``PreTrainedModel`` or any module with
             the linear layers the adapters target). It is frozen, and its targeted linear
             layers are wrapped in ``MultiAdapterLinear`` while an adapter targets them.
-        cache_bytes: budget of the ``FactorCache`` of materialized factors (0 = off).
         adapter_root: a directory of adapters, one per subdirectory named after it
             (``AdapterRoot``): each is servable by name and loaded on the first call that
             names it. ``None``: only adapters loaded with ``load_adapter``.
@@ -247,7 +247,7 @@ class MultiAdapterModel(nn.Module):
             in ``stats.over_budget``). ``None``: no limit. Adapters loaded with
             ``load_adapter`` count towards it but are never evicted.
 
-    Loaded adapters are read-only: their factors may be cached, their routing indices may be
+    Loaded adapters are read-only: their routing indices may be
     shared with other adapters, and each call reads them.
 
     Example::
@@ -260,7 +260,7 @@ class MultiAdapterModel(nn.Module):
         mm.available()  # ["a", "b", ...]: every adapter on disk, loaded when first used
     """
 
-    def __init__(self, base_model: nn.Module, cache_bytes: int = 0, adapter_root: str | Path | None = None,
+    def __init__(self, base_model: nn.Module, adapter_root: str | Path | None = None,
                  max_resident_bytes: int | None = None) -> None:
         super().__init__()
         if any(isinstance(m, MoSLinear) for m in base_model.modules()):
@@ -270,7 +270,6 @@ class MultiAdapterModel(nn.Module):
             )
         self.base_model = base_model.requires_grad_(False)
         self.adapter_pools = nn.ModuleDict()  # name -> ModuleDict(kind key -> ShardPools)
-        self.cache = FactorCache(cache_bytes)
         self.merged: str | None = None
         self.merge_error = 0.0  # largest storage error of the last merge/unmerge (4-bit: requantized)
         self._indices = _IndexStore()
@@ -318,7 +317,7 @@ class MultiAdapterModel(nn.Module):
             self._load(name, Path(path))
 
     def unload_adapter(self, name: str) -> None:
-        """Drop adapter ``name``: its pools, cached factors, and the wrappers no adapter needs.
+        """Drop adapter ``name``: its pools and the wrappers no adapter needs.
         One on disk under the root stays available (and is loaded again when next named)."""
         with self._lock:
             self._require(name)
@@ -329,18 +328,18 @@ class MultiAdapterModel(nn.Module):
     def memory_report(self) -> dict[str, Any]:
         """Resident bytes, each tensor counted once: ``base``; ``adapters``, per name, what that
         adapter alone holds (compact form); ``shared``, tensors held by several adapters (routing
-        indices of same-seed adapters); ``adapters_total`` = their sum; ``cache``
-        (materialized factors); ``total``; and ``budget``, ``max_resident_bytes``."""
+        indices of same-seed adapters); ``adapters_total`` = their sum; ``total``; and
+        ``budget``, ``max_resident_bytes``. No dense factors stay resident: a call gathers them
+        layer by layer from the pools."""
         adapters, shared = self._adapter_bytes()
         report = {
             "base": sum(t.numel() * t.element_size() for t in _tensors(self.base_model)),
             "adapters": adapters,
             "shared": shared,
             "adapters_total": sum(adapters.values()) + shared,
-            "cache": self.cache.bytes,
             "budget": self.max_resident_bytes,
         }
-        report["total"] = report["base"] + report["adapters_total"] + report["cache"]
+        report["total"] = report["base"] + report["adapters_total"]
         return report
 
     # ---- inference
@@ -419,7 +418,6 @@ class MultiAdapterModel(nn.Module):
     def _unload(self, name: str) -> None:
         del self.adapter_pools[name], self._info[name]
         self._from_root.pop(name, None)
-        self.cache.drop(name)
         needed = {n for info in self._info.values() for k in info.kinds for n in k.layers}
         for module_name in [n for n in self._layers if n not in needed]:
             self._unwrap(module_name)
@@ -482,17 +480,13 @@ class MultiAdapterModel(nn.Module):
                         "alone need more; served anyway", resident(), self.max_resident_bytes, len(keep))
 
     def _factors(self, name: str) -> Factors:
-        """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled."""
-
-        def build() -> Factors:
-            pools, kinds = self.adapter_pools[name], self._info[name].kinds
-            factors: Factors = {}
-            for kind in kinds:
-                a, b = pools[kind.key].factors()  # all layers of the kind in one gather
-                factors.update({n: (a[i], b[i]) for i, n in enumerate(kind.layers)})
-            return factors
-
-        return self.cache.get(name, build)
+        """Every layer of adapter ``name``: ``A: (r, d_in)`` and ``B: (d_out, r)``, unscaled
+        (for merging)."""
+        pools, factors = self.adapter_pools[name], {}
+        for kind in self._info[name].kinds:
+            a, b = pools[kind.key].factors()  # all layers of the kind in one gather
+            factors.update({n: (a[i], b[i]) for i, n in enumerate(kind.layers)})
+        return factors
 
     @contextmanager
     def _routed(self, adapter_names: Sequence[str | None] | None, rows: int) -> Iterator[None]:
@@ -510,16 +504,35 @@ class MultiAdapterModel(nn.Module):
         device = next(self.base_model.parameters()).device
         groups = {name: Rows([i for i, n in enumerate(names) if n == name], len(names), device)
                   for name in dict.fromkeys(n for n in names if n is not None)}
-        factors = {name: self._factors(name) for name in groups}
+        routes = self._stacks(list(groups))
         try:
             for module_name, layer in self._layers.items():
-                updates = tuple(Update(*factors[name][module_name], self._info[name].config.scaling, rows)
-                                for name, rows in groups.items() if module_name in factors[name])
-                layer.route = Route(updates) if updates else None
+                if module_name not in routes:
+                    layer.route = None
+                    continue
+                stack, here = routes[module_name]
+                updates = tuple(Update(self._info[name].config.rank, self._info[name].config.scaling, groups[name])
+                                for name, _, _ in here)
+                layer.route = Route(stack, [(g, k) for _, g, k in here], updates)
             yield
         finally:
             for layer in self._layers.values():
                 layer.route = None
+
+    def _stacks(self, names: list[str]) -> dict[str, tuple[StackedPools, list[tuple[str, int, int]]]]:
+        """Per wrapped module that some adapter in ``names`` targets: its kind's ``StackedPools``
+        over those adapters, and its adapters as ``(name, position in the stack, position of
+        the module among that adapter's layers of the kind)``."""
+        parts: dict[str, list[ShardPools]] = {}
+        members: dict[str, tuple[str, list[tuple[str, int, int]]]] = {}
+        for name in names:
+            for kind in self._info[name].kinds:
+                stack = parts.setdefault(kind.key, [])
+                for k, module_name in enumerate(kind.layers):
+                    members.setdefault(module_name, (kind.key, []))[1].append((name, len(stack), k))
+                stack.append(self.adapter_pools[name][kind.key])
+        stacks = {key: StackedPools(p) for key, p in parts.items()}
+        return {module: (stacks[key], here) for module, (key, here) in members.items()}
 
     def _row_names(self, adapter_names: Sequence[str | None] | None, rows: int) -> list[str | None]:
         """Check ``adapter_names`` against the batch; base rows become ``None``."""
