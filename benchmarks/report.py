@@ -110,9 +110,10 @@ def results_markdown(results_dir: Path) -> str:
                   "![capacity](results/capacity.png)", ""]
     model = read_json(results_dir / "capacity_model.json")
     if model:
-        from .capacity import model_markdown, verdict_markdown
+        from .capacity import guidance_markdown, model_markdown, verdict_markdown
 
-        parts += ["### The capacity model: bits per parameter at equal steps and at convergence", "",
+        parts += ["### When to use MoS", "", guidance_markdown(model), "",
+                  "### The capacity model: bits per parameter at equal steps and at convergence", "",
                   "What it says, per axis and budget (MoS's best setting there):", "", verdict_markdown(model),
                   model_markdown(model), "![capacity model](results/capacity_model.png)", ""]
     ablation = read_json(results_dir / "ablation.json")

@@ -93,4 +93,12 @@ def test_quick_suite_sweeps_until_interior_and_reports(quick):
     assert "bits / param" in text and "LoRA r=16" in text and "twice as long" in text
     verdict = capacity.verdict_markdown(saved)
     assert verdict.count("gap recovered") == len(saved["axes"]) and "MoS e=2 r=16" in verdict
+    guidance = capacity.guidance_markdown(saved)
+    assert "Short training (equal steps)" in guidance and "Trained to convergence (convergence)" in guidance
+    for name, axis in saved["axes"].items():  # the words follow the measured intervals
+        recs = [max(m["recovery"]["bits"]["value"] for m in entry["mos"])
+                for entry in capacity.headline(capacity._model_track(axis))["budgets"].values() if entry["mos"]]
+        line = next(line for line in guidance.splitlines() if f"({name})" in line)
+        assert ("stores less" in line) <= all(r < 0 for r in recs)
+        assert ("a little more" in line) <= all(r > 0 for r in recs)
     assert (out / "quick" / "capacity_model.png").stat().st_size > 10_000
