@@ -46,7 +46,6 @@ class StackedPools:
             raise ValueError("StackedPools: every adapter's pools of a kind must have the same d_in and d_out")
         self.l = math.lcm(*(q.shards_per_vector for q in plans))  # divides d: an lcm of divisors of d
         self.rank = max(q.rank for q in plans)
-        self.ranks = [q.rank for q in plans]
         rows_a, rows_b, tables_a, tables_b = [], [], [], []
         offset = 0
         for part in parts:
