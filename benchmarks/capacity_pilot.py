@@ -5,12 +5,17 @@ learning rate), one or more seeds, and records every run in results/capacity_pil
 cache: run again to resume) with a summary JSON. The regime the capacity track uses is the one
 where LoRA@8e beats LoRA@e by a wide margin at a cost that fits the track's budget.
 
-    python -m benchmarks.capacity_pilot [--seeds 1]
+    python -m benchmarks.capacity_pilot [--seeds 1] [--regimes 0,1] [--summary summary.json]
+
+With two or more seeds, each regime's summary has the paired gap of LoRA@8e over LoRA@e in
+bits (mean over seeds, its standard error, and their ratio): a regime is kept only when the
+gap is at least 3 paired SE.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +27,9 @@ BASE = TrackSpec("capacity", ("facts:256",), budgets=(1,), seeds=1, steps=0, bat
                  max_length=32, eval_examples=1024, test_examples=1024, bf16=True, epochs=8)
 # (task, epochs, learning rate): tried in this order; see the README's capacity section
 REGIMES = [("facts:256", 8, 3e-3), ("facts:256", 8, 1e-2), ("facts:512", 6, 1e-2),
-           ("facts:1024", 4, 1e-2)]
+           ("facts:1024", 4, 1e-2),
+           # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4 --seeds 3)
+           ("codebook:1024", 2, 3e-3)]
 ADAPTERS = [Adapter("lora", 1, rank=1), Adapter("lora", 8, rank=8), Adapter("mos", 1, rank=8, private=0)]
 
 
@@ -31,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--regimes", default="", help="comma-separated indices into REGIMES (default all)")
     ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--summary", default="summary.json", help="file name under results/capacity_pilot/")
     args = ap.parse_args()
     picked = [REGIMES[int(i)] for i in args.regimes.split(",") if i] or REGIMES
     out = args.results / "capacity_pilot"
@@ -53,8 +61,29 @@ def main() -> None:
     for r in rows:
         print(f"{r['task']:>11} ep={r['epochs']} lr={r['lr']:.0e} s={r['seed']} {r['label']:<18} "
               f"exact={r['exact']:.3f} nll={r['nll']:.3f} bits={r['bits']:.0f} ({r['seconds']:.0f} s)")
-    write_json(out / "summary.json", {"environment": environment(), "base_spec": asdict(BASE),
-                                      "runs": rows, "median_seconds": statistics.median(r["seconds"] for r in rows)})
+    gaps = [rank_gap(rows, *regime) for regime in picked]
+    for g in gaps:
+        if g is not None:
+            print(f"{g['task']} ep={g['epochs']} lr={g['lr']:.0e}: LoRA@8e - LoRA@e = {g['mean_bits']:+.0f} bits "
+                  f"(SE {g['se_bits']:.0f}, {g['z']:+.1f} SE, {g['seeds']} seeds)")
+    write_json(out / args.summary, {"environment": environment(), "base_spec": asdict(BASE), "runs": rows,
+                                    "rank_gaps": [g for g in gaps if g is not None],
+                                    "median_seconds": statistics.median(r["seconds"] for r in rows)})
+
+
+def rank_gap(rows: list[dict], task: str, epochs: float, lr: float) -> dict | None:
+    """LoRA@8e minus LoRA@e in test bits, paired by seed, for one regime (None: < 2 seeds)."""
+    def bits(label: str) -> dict[int, float]:
+        return {r["seed"]: r["bits"] for r in rows
+                if (r["task"], r["epochs"], r["lr"], r["label"]) == (task, epochs, lr, label)}
+
+    low, high = bits(ADAPTERS[0].label), bits(ADAPTERS[1].label)
+    diffs = [high[s] - low[s] for s in sorted(low.keys() & high.keys())]
+    if len(diffs) < 2:
+        return None
+    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"task": task, "epochs": epochs, "lr": lr, "seeds": len(diffs), "diffs_bits": diffs,
+            "mean_bits": mean, "se_bits": se, "z": mean / se if se else math.inf}
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def build_adapters(build: Path, count: int) -> tuple[Path, Path]:
     from moslora.base import load_base
 
     mos, peft = build / "mos", build / "peft"
+    mos.mkdir(parents=True, exist_ok=True)  # served even when empty (N = 0 alone: the bare base)
     missing = [i for i in range(count) if not (peft / f"a{i}" / "adapter_config.json").is_file()]
     if missing:
         base = load_base(None, bf16=False)[0].eval()
@@ -124,7 +125,7 @@ def vllm_command(python: Path, base_dir: Path, peft: Path, count: int, rank: int
             "--served-model-name", "base",
             "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
             "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(vllm_slots(count)),
-            "--max-cpu-loras", str(max(count, 1)), "--lora-modules", *loras]
+            "--max-cpu-loras", str(max(count, 1)), *(["--lora-modules", *loras] if loras else [])]
 
 
 def vllm_slots(count: int) -> int:
@@ -211,7 +212,7 @@ def memory_row(servers: list[Server], count: int, peft: Path, slots: int) -> dic
         server.resume()
     moslora = next(s for s in servers if s.name == "moslora")
     report = httpx.get(f"{moslora.url}/metrics.json", timeout=30).json()["memory_bytes"]
-    one = lora_bytes(peft / "a0")
+    one = lora_bytes(peft / "a0") if (peft / "a0").is_dir() else 0  # none built: N = 0 alone
     rss = {s.name: s.rss_bytes() for s in servers}
     return {"adapters": count, "moslora_adapter_bytes": report["adapters_total"], "lora_bytes_each": one,
             "vllm_slots": slots, "vllm_slot_bytes": slots * one, "process_rss_bytes": rss}

@@ -37,6 +37,13 @@ def test_openmp_is_preloaded_only_where_the_venv_has_it(tmp_path):
     assert settings["vllm"] == {}  # vLLM's own default is left alone
 
 
+def test_the_bare_base_alone_needs_no_adapters(tmp_path):
+    mos, peft = serving_vllm.build_adapters(tmp_path, 0)  # N = 0 only: nothing to build
+    assert mos.is_dir() and not any(mos.iterdir())  # moslora serve needs its root to exist
+    assert "--lora-modules" not in serving_vllm.vllm_command(tmp_path / "python", tmp_path, peft, 0, 16)
+    assert "--lora-modules" in serving_vllm.vllm_command(tmp_path / "python", tmp_path, peft, 2, 16)
+
+
 class _Named:
     def __init__(self, name):
         self.name = name

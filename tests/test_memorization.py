@@ -1,4 +1,4 @@
-"""Memorization tasks: seeded facts, qa_wikidata out of the sdist, and their metrics."""
+"""Memorization tasks: seeded facts, the codebook, qa_wikidata out of the sdist, and their metrics."""
 
 from __future__ import annotations
 
@@ -49,7 +49,32 @@ def test_facts_task_trains_and_scores_the_same_items():
     assert len(load_task("facts").train) == 256  # the default size
 
 
-@pytest.mark.parametrize("name", ["facts:0", "facts:many", "wikidata:-3"])
+def test_codebook_applies_one_code_per_position_and_holds_out_unseen_phrases():
+    train, validation, test = memorization.codebook(300, seed=2)
+    assert (train, validation, test) == memorization.codebook(300, seed=2) != memorization.codebook(300, seed=3)
+    assert (len(train), len(validation), len(test)) == (300, *memorization.CODEBOOK_HELD_OUT)
+    prompts = [p for p, _ in train + validation + test]
+    assert len(set(prompts)) == len(prompts)  # no held-out phrase was trained on
+    code: list[dict[str, str]] = [{}, {}, {}]
+    for prompt, answer in train + validation + test:
+        assert prompt.endswith(" ->") and answer.startswith(" ")
+        for position, (word, coded) in enumerate(zip(prompt[:-3].split(), answer.split(), strict=True)):
+            assert code[position].setdefault(word, coded) == coded  # one code word per word and place
+    for place in code:  # each place's code is a permutation of the words
+        assert set(place) <= set(memorization.WORDS) and len(set(place.values())) == len(place)
+    assert code[0] != code[1]  # the places have codes of their own
+
+
+def test_codebook_task_trains_on_phrases_and_scores_on_held_out_ones():
+    task = load_task("codebook:64", seed=1)
+    assert task.name == "codebook:64" and len(task.train) == 64
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.test + task.validation}
+    assert task.chance_nll == memorization.CHANCE_NLL and not task.test[0].chat
+    with pytest.raises(ValueError, match="more phrases than there are"):
+        memorization.codebook(99 ** 3)
+
+
+@pytest.mark.parametrize("name", ["facts:0", "facts:many", "wikidata:-3", "codebook:0"])
 def test_a_bad_size_says_how_to_write_one(name):
     with pytest.raises(ValueError, match="positive whole number"):
         load_task(name)

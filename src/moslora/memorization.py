@@ -8,13 +8,19 @@ information: key -> value memorization and knowledge injection (MoRA, arXiv 2405
   each on SmolLM2's tokenizer), generated from a seed. A model that knows the format but not
   the fact scores ln(len(WORDS)) nats per answer token: that is chance, and the nats below it
   are information the adapter stored.
+- ``codebook``: a secret code, three random permutations of ``WORDS`` drawn from a seed, one
+  per position: "apple river stone ->" becomes " tiger lemon castle" when apple -> tiger in
+  the first place, river -> lemon in the second, stone -> castle in the third. It trains on
+  phrases and is scored on phrases it never saw, so the adapter must store the code
+  (3 x 99 entries, ~1,970 bits) *and* apply it to new combinations: generalization, where
+  capacity still matters. Chance is the same ln(len(WORDS)) per answer token.
 - ``wikidata``: BIG-bench's ``qa_wikidata`` ("The capital of Occitania is" -> "Toulouse"),
   kept to the facts the base model gets wrong (see ``unknown``), read from the ``bigbench``
   sdist (not installed: it pulls in tensorflow) and cached outside the repository, which
   never holds the data (it carries BIG-bench's canary).
 
-Both are scored on the items they were trained on, by design; wikidata's held-out unknown
-facts are the control. Items are plain text (``Example.chat=False``): a chat template would
+Facts and wikidata are scored on the items they were trained on, by design; wikidata's held-out
+unknown facts are the control. The codebook is scored on held-out phrases. Items are plain text (``Example.chat=False``): a chat template would
 triple the tokens of a ten-token item.
 """
 
@@ -70,6 +76,28 @@ def facts(size: int, seed: int = 0) -> list[tuple[str, str]]:
         if name not in names:  # a name with two answers could not be memorized
             names[name] = " " + " ".join(rng.choice(WORDS) for _ in range(ANSWER_WORDS))
     return [(f"{name}:", answer) for name, answer in names.items()]
+
+
+CODEBOOK_HELD_OUT = (128, 256)  # phrases for validation and test, never trained on
+
+
+def codebook(size: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """``size`` training phrases and ``CODEBOOK_HELD_OUT`` validation and test phrases, all
+    distinct, as (prompt, completion) pairs like ("apple river stone ->", " tiger lemon castle")."""
+    if size < 1:
+        raise ValueError(f"codebook needs at least 1 training phrase, got {size}")
+    rng = random.Random(seed)
+    code = [dict(zip(WORDS, rng.sample(WORDS, len(WORDS)))) for _ in range(ANSWER_WORDS)]
+    wanted = size + sum(CODEBOOK_HELD_OUT)
+    if wanted > len(WORDS) ** ANSWER_WORDS:
+        raise ValueError(f"codebook:{size} asks for more phrases than there are: at most "
+                         f"{len(WORDS) ** ANSWER_WORDS - sum(CODEBOOK_HELD_OUT)}")
+    phrases: dict[tuple[str, ...], None] = {}
+    while len(phrases) < wanted:
+        phrases[tuple(rng.choice(WORDS) for _ in range(ANSWER_WORDS))] = None
+    pairs = [(" ".join(p) + " ->", " " + " ".join(c[w] for c, w in zip(code, p))) for p in phrases]
+    validation = size + CODEBOOK_HELD_OUT[0]
+    return pairs[:size], pairs[size:validation], pairs[validation:]
 
 
 def bigbench_sdist() -> Path:

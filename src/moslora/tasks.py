@@ -151,7 +151,7 @@ def _balance(examples: list[Example]) -> list[Example]:
 Scorer = Callable[[list[Example]], list[tuple[float, int, bool]]]
 
 
-MEMORIZATION_TASKS = {"facts": 256, "wikidata": 256}  # name -> default number of items
+MEMORIZATION_TASKS = {"facts": 256, "codebook": 1024, "wikidata": 256}  # name -> default number of items
 
 
 def needs_base(name: str | Path) -> bool:
@@ -160,8 +160,8 @@ def needs_base(name: str | Path) -> bool:
 
 
 def memorization_task(kind: str, size: str = "", seed: int = 0, scorer: Scorer | None = None) -> Task:
-    """``facts`` or ``wikidata`` with ``size`` items (empty: the default), trained and scored
-    on the same items (see ``memorization``). ``seed`` draws the facts (or the sample of
+    """``facts``, ``codebook`` or ``wikidata`` with ``size`` items (empty: the default), trained
+    and scored on the same items, but for the codebook's held-out phrases (see ``memorization``). ``seed`` draws the facts (or the sample of
     wikidata); wikidata keeps the facts ``scorer`` (the base model) gets wrong, and as many
     again (at least 32) of them, never trained on, as its control."""
     try:
@@ -175,6 +175,10 @@ def memorization_task(kind: str, size: str = "", seed: int = 0, scorer: Scorer |
     if kind == "facts":
         items = [Example(p, c, chat=False) for p, c in memorization.facts(n, seed)]
         return Task(name, items, items, items, chance_nll=memorization.CHANCE_NLL)
+    if kind == "codebook":
+        train, validation, test = ([Example(p, c, chat=False) for p, c in split]
+                                   for split in memorization.codebook(n, seed))
+        return Task(name, train, validation, test, chance_nll=memorization.CHANCE_NLL)
     if scorer is None:
         raise ValueError("the wikidata task keeps the facts the base model does not know, so it "
                          "needs the base: pass scorer=functools.partial(answer_scores, model, tokenizer)")
