@@ -120,6 +120,13 @@ def results_markdown(results_dir: Path) -> str:
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
                   "![ablation](results/ablation.png)", ""]
+    vllm = read_json(results_dir / "serving_vllm.json")
+    if vllm and "rows" in vllm:
+        from .serving_vllm import vllm_markdown
+
+        parts += ["### Serving against vLLM", "", f"`make bench-vllm`, {vllm['environment']['date'][:10]}: "
+                  "32 concurrent `/v1/completions` per round, a random adapter of the first N each "
+                  "(N = 0: the bare base); see \"Against vLLM\" above.", "", vllm_markdown(vllm), ""]
     speed = read_json(results_dir / "speed.json")
     if speed:
         from .speed import speed_markdown

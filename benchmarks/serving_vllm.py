@@ -218,6 +218,27 @@ def memory_row(servers: list[Server], count: int, peft: Path, slots: int) -> dic
             "vllm_slots": slots, "vllm_slot_bytes": slots * one, "process_rss_bytes": rss}
 
 
+def vllm_markdown(result: dict[str, Any]) -> str:
+    """The README's table of ``result``: per N, tokens/s of every server, moslora over the best
+    vLLM setting (the paired time ratio), and p50 latencies."""
+    settings = [name for name in result["rows"][0]["servers"] if name != "moslora"]
+    lines = ["| N | moslora tok/s | " + " | ".join(f"{n} tok/s" for n in settings)
+             + " | moslora / best vLLM | p50 moslora / best vLLM | same text |",
+             "|---" * (len(settings) + 5) + "|"]
+    for row in result["rows"]:
+        servers = row["servers"]
+        best = max(settings, key=lambda n: servers[n]["tokens_per_s"])
+        label = "0 (base)" if row["adapters"] == 0 else str(row["adapters"])
+        lines.append(f"| {label} | {servers['moslora']['tokens_per_s']:.1f} | "
+                     + " | ".join(f"{servers[n]['tokens_per_s']:.1f}" for n in settings)
+                     + f" | {row[f'moslora_over_{best}']:.2f}× | {servers['moslora']['latency_p50_s']:.1f} s / "
+                     f"{servers[best]['latency_p50_s']:.1f} s | {servers[best]['same_text_as_moslora']} |")
+    cache = result.get("prompt_cache")
+    if cache:
+        lines += ["", f"moslora's prompt cache over the run: {cache['hits']} hits, {cache['misses']} misses."]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -272,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             text=True).stdout.strip()}
         for n in sorted(args.adapters):
             row = measure(servers, n, prompts, args)
+            servers[0].resume()
+            result["prompt_cache"] = httpx.get(f"{servers[0].url}/metrics.json", timeout=30).json()["prompt_cache"]
             result["rows"].append(row)
             result["memory"].append(memory_row(servers, n, peft, vllm_slots(count)))
             print(f"N={n:>3}: " + "  ".join(f"{name} {s['tokens_per_s']:.1f} tok/s p50 {s['latency_p50_s']:.2f} s"

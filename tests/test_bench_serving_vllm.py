@@ -66,6 +66,18 @@ def test_speedups_are_paired_time_ratios_and_texts_are_compared_request_by_reque
     assert row["servers"]["vllm"]["tokens_per_s"] == pytest.approx((40 / 3 + 40 / 4) / 2)
 
 
+def test_the_readme_table_names_the_best_vllm_setting_per_row():
+    rounds = {"moslora": [_round(1.0, ["a"]), _round(1.0, ["a"])],
+              "vllm": [_round(3.0, ["a"]), _round(3.0, ["a"])],
+              "vllm_2threads": [_round(2.0, ["a"]), _round(2.0, ["b"])]}
+    servers = [_Named(n) for n in rounds]
+    result = {"rows": [serving_vllm.summarize(rounds, 0, servers), serving_vllm.summarize(rounds, 10, servers)],
+              "prompt_cache": {"hits": 5, "misses": 7}}
+    table = serving_vllm.vllm_markdown(result)
+    assert "| 0 (base) | 32.0 | 10.7 | 16.0 | 2.00× |" in table  # against vllm_2threads, the faster
+    assert "| 10 |" in table and "| 1/2 |" in table and "5 hits, 7 misses" in table
+
+
 def test_a_paused_server_answers_nothing_until_it_is_resumed(tmp_path):
     base, adapters = build_assets(tmp_path, adapters=2)
     command = serving_vllm.moslora_command(adapters, base, batch=4)

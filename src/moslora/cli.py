@@ -513,6 +513,8 @@ def serve(
     batch_window_ms: float = typer.Option(5.0, min=0.0, max=10_000.0, callback=_finite,
                                           help="how long to wait for more requests"),
     queue_size: int = typer.Option(256, min=1, help="pending requests before answering 503"),
+    prompt_cache_mb: int = typer.Option(256, min=0, help="MiB of KV kept for repeated prompts, which then "
+                                                         "skip their prefill (0: off)"),
     max_body_bytes: int = typer.Option(65_536, min=1, help="largest request body (else 413)"),
     max_prompt_chars: int = typer.Option(16_384, min=1, help="longest prompt in characters (else 400)"),
     max_prompt_tokens: int = typer.Option(1024, min=1, help="longest prompt in tokens (else 400)"),
@@ -546,7 +548,7 @@ def serve(
 
     server = load_server(model, adapters, keys, max_resident_bytes, max_batch=max_batch,
                          batch_window=batch_window_ms / 1000, queue_size=queue_size, limits=limits,
-                         allow_runtime_adapters=allow_runtime_adapters)
+                         allow_runtime_adapters=allow_runtime_adapters, prompt_cache_bytes=prompt_cache_mb * 2**20)
     uvicorn.run(server, host=host, port=port)
 
 

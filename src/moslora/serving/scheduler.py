@@ -9,7 +9,8 @@ mask over its columns. Every iteration
    (an idle batch waits up to ``batch_window`` for company; a running one never waits);
 2. prefills the new rows together (left-padded, one mixed-adapter call that stops after the
    first token); their cache joins the batch's: both are left-padded to a common length and
-   concatenated on the batch dim, the padding masked out;
+   concatenated on the batch dim, the padding masked out. A row whose prompt is in the prompt
+   cache (``prefix``) skips the prefill and joins with the cached state instead;
 3. decodes every row, each from its newest token at its own position, in one HF ``generate``
    call continuing from the batch's cache (``decoding.generate_rows``); the call pauses as
    soon as a row is done, a queued job fits in the free rows, or after ``STEPS_PER_CALL``
@@ -58,11 +59,17 @@ from transformers.cache_utils import DynamicLayer
 
 from .decoding import RowDecoder, Sampling, generate_rows
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
+from .prefix import PromptCache, batch_cache, left_pad, row_state
 
 STEPS_PER_CALL = 16
 """Most decoding steps per ``generate`` call. Loading or unloading an adapter waits for the
 model between calls, so this bounds its wait; a call's fixed cost (routing every adapter
 layer) is then paid at most once per this many steps."""
+
+
+PROMPT_CACHE_BYTES = 256 * 2**20
+"""The default budget of the prompt cache (``prefix.PromptCache``): ~90 SmolLM2 prompts of
+64 tokens (2.9 MB each)."""
 
 
 def servable(model: MultiAdapterModel) -> set[str]:
@@ -143,9 +150,9 @@ class Batch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)])
-            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
+            old.keys = torch.cat([left_pad(old.keys, width, -2), left_pad(new.keys, width, -2)])
+            old.values = torch.cat([left_pad(old.values, width, -2), left_pad(new.values, width, -2)])
+        self.mask = torch.cat([left_pad(self.mask, width, -1), left_pad(mask, width, -1)])
         self.rows, self.last = self.rows + rows, torch.cat([self.last, last])
 
     def keep(self, indices: list[int]) -> None:
@@ -162,12 +169,6 @@ class Batch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
             self.mask = self.mask[:, lead:]
-
-
-def _left_pad(t: Tensor, width: int, dim: int) -> Tensor:
-    """``t`` zero-padded on the left of ``dim`` (negative) to ``width``."""
-    missing = width - t.shape[dim]
-    return F.pad(t, (0, 0) * (-dim - 1) + (missing, 0)) if missing else t
 
 
 def _dynamic(cache: Any) -> DynamicCache:
@@ -190,8 +191,9 @@ class Scheduler:
     """A bounded queue and the worker thread that answers it by continuous batching."""
 
     def __init__(self, model: MultiAdapterModel, tokenizer: Any, max_batch: int = 16, batch_window: float = 0.005,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = 256, prompt_cache_bytes: int = PROMPT_CACHE_BYTES) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.prompts = PromptCache(prompt_cache_bytes)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_batch, self.batch_window = max_batch, batch_window
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
@@ -281,24 +283,52 @@ class Scheduler:
 
     def _prefill(self, tasks: list[Task]) -> None:
         """Run the new rows' prompts, left-padded into one mixed batch, take each row's first
-        token, and join the rows to the batch."""
+        token, and join the rows to the batch. A row whose prompt is in the prompt cache skips
+        this: it joins with the cached state and its prompt's last token still to feed, so its
+        first token comes from the next decoding step."""
         tasks = self._drop_unservable(tasks)
         if not tasks:
             return
         rows = [Row(task, d) for task in tasks for d in task.decoders]
-        prompts = [row.task.job.prompt_ids for row in rows]
-        width = max(len(p) for p in prompts)
-        device = self._device()
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        try:
-            new, cache = self._generate(rows, ids, mask, pause=lambda: True)
-        except UnknownAdapterError:  # an adapter went away since the check above: again without it
-            if len(self._drop_unservable(tasks)) == len(tasks):
-                raise
-            return self._prefill(tasks)
-        self.batch.join(rows, _dynamic(cache), mask, new[:, -1])
+        states = [self._stored(row) for row in rows]
+        fresh = [row for row, state in zip(rows, states) if state is None]
+        if fresh:
+            prompts = [row.task.job.prompt_ids for row in fresh]
+            ids, mask = self._left_padded(prompts, self.pad_id), self._left_padded([[1] * len(p) for p in prompts], 0)
+            try:
+                new, cache = self._generate(fresh, ids, mask, pause=lambda: True)
+            except UnknownAdapterError:  # an adapter went away since the check above: again without it
+                kept = self._drop_unservable(tasks)
+                if len(kept) == len(tasks):
+                    raise
+                return self._prefill(kept)
+            cache = _dynamic(cache)
+            for i, row in enumerate(fresh):
+                self.prompts.put(row.task.job.model, prompts[i], self._owner(row.task.job.model),
+                                 row_state(cache, i, len(prompts[i])))
+            self.batch.join(fresh, cache, mask, new[:, -1])
+        hits = [(row, state) for row, state in zip(rows, states) if state is not None]
+        if hits:
+            prompts = [row.task.job.prompt_ids for row, _ in hits]
+            mask = self._left_padded([[1] * (len(p) - 1) for p in prompts], 0)
+            last = torch.tensor([p[-1] for p in prompts], device=mask.device)
+            self.batch.join([row for row, _ in hits], batch_cache([state for _, state in hits]), mask, last)
         self._retire()
+
+    def _stored(self, row: Row) -> list[tuple[Tensor, Tensor]] | None:
+        """The prompt cache's state for this row's prompt and model, if it has one."""
+        model = row.task.job.model
+        if model != BASE and model not in self.model.adapter_pools:  # not resident: nothing cached is current
+            return None
+        return self.prompts.get(model, row.task.job.prompt_ids, self._owner(model))
+
+    def _owner(self, model: str) -> Any:
+        """What a cached state of ``model`` was computed with: its resident pools (None: the base)."""
+        return None if model == BASE else self.model.adapter_pools[model]
+
+    def _left_padded(self, rows: list[list[int]], pad: int) -> Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self._device())
 
     def _decode(self) -> None:
         """Decode every row, each from its newest token, until a row is done, a queued job could

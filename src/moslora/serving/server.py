@@ -68,7 +68,7 @@ from .multi import BASE, MultiAdapterModel, UnknownAdapterError
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, StrictBody, choice, delta, load_json, sse, usage,
                          validate)
 from .root import AdapterRoot
-from .scheduler import Choice, Job, Scheduler, servable
+from .scheduler import PROMPT_CACHE_BYTES, Choice, Job, Scheduler, servable
 
 KEYS_ENV = "MOSLORA_API_KEYS"  # JSON {"*" or adapter name: key}
 log = logging.getLogger("moslora.serving")
@@ -188,6 +188,7 @@ def create_app(
     queue_size: int = 256,
     limits: Limits | None = None,
     allow_runtime_adapters: bool = False,
+    prompt_cache_bytes: int = PROMPT_CACHE_BYTES,
 ) -> FastAPI:
     """The FastAPI app over ``model``. The worker thread runs while the app does (lifespan).
     ``allow_runtime_adapters`` adds vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``."""
@@ -197,7 +198,8 @@ def create_app(
     require_float("batch_window", batch_window, low=0.0)
     root = AdapterRoot(adapter_root)
     keys = keys or ApiKeys()
-    scheduler = Scheduler(model, tokenizer, max_batch, batch_window, queue_size)
+    require_int("prompt_cache_bytes", prompt_cache_bytes, minimum=0)
+    scheduler = Scheduler(model, tokenizer, max_batch, batch_window, queue_size, prompt_cache_bytes)
     metrics = ServerMetrics()
     started = int(time.time())
     loaded_at: dict[str, int] = {}  # adapters loaded over HTTP; the rest came with the server
@@ -452,7 +454,7 @@ def create_app(
     async def metrics_json() -> dict:
         return {**metrics.summary(), "queue_depth": scheduler.queue.qsize(), "adapters": model.adapters(),
                 "available": len(model.available()), "memory_bytes": model.memory_report(),
-                "residency": dataclasses.asdict(model.stats)}
+                "residency": dataclasses.asdict(model.stats), "prompt_cache": scheduler.prompts.summary()}
 
     return app
 
