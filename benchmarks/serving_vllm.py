@@ -112,9 +112,9 @@ def review_prompts(count: int, tokens: int) -> list[str]:
 # ---------------------------------------------------------------------------- servers
 
 
-def moslora_command(root: Path, base_dir: Path, batch: int) -> list[str]:
+def moslora_command(root: Path, base_dir: Path, batch: int, prompt_cache_mb: int = 256) -> list[str]:
     return [sys.executable, "-m", "moslora.cli", "serve", "--adapters", str(root), "--model", str(base_dir),
-            "--max-batch", str(batch), "--batch-window-ms", "5"]
+            "--max-batch", str(batch), "--batch-window-ms", "5", "--prompt-cache-mb", str(prompt_cache_mb)]
 
 
 def vllm_command(python: Path, base_dir: Path, peft: Path, count: int, rank: int) -> list[str]:
@@ -221,7 +221,7 @@ def memory_row(servers: list[Server], count: int, peft: Path, slots: int) -> dic
 def vllm_markdown(result: dict[str, Any]) -> str:
     """The README's table of ``result``: per N, tokens/s of every server, moslora over the best
     vLLM setting (the paired time ratio), and p50 latencies."""
-    settings = [name for name in result["rows"][0]["servers"] if name != "moslora"]
+    settings = [name for name in result["rows"][0]["servers"] if name.startswith("vllm")]
     lines = ["| N | moslora tok/s | " + " | ".join(f"{n} tok/s" for n in settings)
              + " | moslora / best vLLM | p50 moslora / best vLLM | same text |",
              "|---" * (len(settings) + 5) + "|"]
@@ -233,6 +233,10 @@ def vllm_markdown(result: dict[str, Any]) -> str:
                      + " | ".join(f"{servers[n]['tokens_per_s']:.1f}" for n in settings)
                      + f" | {row[f'moslora_over_{best}']:.2f}× | {servers['moslora']['latency_p50_s']:.1f} s / "
                      f"{servers[best]['latency_p50_s']:.1f} s | {servers[best]['same_text_as_moslora']} |")
+    if "moslora_uncached" in result["rows"][0]["servers"]:
+        lines += ["", "moslora with its prompt cache over moslora without it (`--prompt-cache-mb 0`), paired: "
+                  + ", ".join(f"N = {r['adapters']} {r['moslora_over_moslora_uncached']:.2f}×" for r in result["rows"])
+                  + "."]
     cache = result.get("prompt_cache")
     if cache:
         lines += ["", f"moslora's prompt cache over the run: {cache['hits']} hits, {cache['misses']} misses."]
@@ -251,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-interop" / "bin" / "python")
     ap.add_argument("--vllm-settings", nargs="+", default=None, help="a subset of vllm_settings() (default: all)")
+    ap.add_argument("--uncached", action="store_true",
+                    help="also moslora serve --prompt-cache-mb 0 (moslora_over_moslora_uncached: the cache's gain)")
     ap.add_argument("--build", type=Path, default=ROOT / "build" / "serving-vllm")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "serving_vllm.json")
     args = ap.parse_args(argv)
@@ -281,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
         servers = [stack.enter_context(started("moslora", moslora_command(mos, base_dir, args.requests), {},
                                                "__base__", args.build / "moslora.log", timeout=300))]
         servers[0].pause()
+        if args.uncached:  # the same server without its prompt cache: what the cache is worth, paired
+            servers.append(stack.enter_context(started(
+                "moslora_uncached", moslora_command(mos, base_dir, args.requests, prompt_cache_mb=0), {},
+                "__base__", args.build / "moslora_uncached.log", timeout=300)))
+            servers[-1].pause()
         for name, env in args.vllm_settings.items():
             servers.append(stack.enter_context(started(
                 name, vllm_command(args.vllm_python, base_dir, peft, count, CONFIG.rank),

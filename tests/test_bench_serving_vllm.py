@@ -69,13 +69,15 @@ def test_speedups_are_paired_time_ratios_and_texts_are_compared_request_by_reque
 def test_the_readme_table_names_the_best_vllm_setting_per_row():
     rounds = {"moslora": [_round(1.0, ["a"]), _round(1.0, ["a"])],
               "vllm": [_round(3.0, ["a"]), _round(3.0, ["a"])],
-              "vllm_2threads": [_round(2.0, ["a"]), _round(2.0, ["b"])]}
+              "vllm_2threads": [_round(2.0, ["a"]), _round(2.0, ["b"])],
+              "moslora_uncached": [_round(1.5, ["a"]), _round(1.5, ["a"])]}  # faster than vLLM: not a vLLM setting
     servers = [_Named(n) for n in rounds]
     result = {"rows": [serving_vllm.summarize(rounds, 0, servers), serving_vllm.summarize(rounds, 10, servers)],
               "prompt_cache": {"hits": 5, "misses": 7}}
     table = serving_vllm.vllm_markdown(result)
     assert "| 0 (base) | 32.0 | 10.7 | 16.0 | 2.00× |" in table  # against vllm_2threads, the faster
     assert "| 10 |" in table and "| 1/2 |" in table and "5 hits, 7 misses" in table
+    assert "N = 0 1.50×, N = 10 1.50×" in table  # the cache's gain, paired
 
 
 def test_a_paused_server_answers_nothing_until_it_is_resumed(tmp_path):
