@@ -28,8 +28,8 @@ BASE = TrackSpec("capacity", ("facts:256",), budgets=(1,), seeds=1, steps=0, bat
 # (task, epochs, learning rate): tried in this order; see the README's capacity section
 REGIMES = [("facts:256", 8, 3e-3), ("facts:256", 8, 1e-2), ("facts:512", 6, 1e-2),
            ("facts:1024", 4, 1e-2),
-           # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4 --seeds 3)
-           ("codebook:1024", 2, 3e-3)]
+           # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4,5 --seeds 3)
+           ("codebook:1024", 2, 3e-3), ("codebook:1024", 8, 3e-3)]
 ADAPTERS = [Adapter("lora", 1, rank=1), Adapter("lora", 8, rank=8), Adapter("mos", 1, rank=8, private=0)]
 
 
