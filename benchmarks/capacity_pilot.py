@@ -31,6 +31,12 @@ REGIMES = [("facts:256", 8, 3e-3), ("facts:256", 8, 1e-2), ("facts:512", 6, 1e-2
            # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4,5 --seeds 3)
            ("codebook:1024", 2, 3e-3), ("codebook:1024", 8, 3e-3)]
 ADAPTERS = [Adapter("lora", 1, rank=1), Adapter("lora", 8, rank=8), Adapter("mos", 1, rank=8, private=0)]
+# MoS's variants on the generalization task (#27 item 5's second task; --variants): the two that
+# won on the capacity model, each Δ paired with ADAPTERS[2]. At e = 1 no whole rank can be
+# private, and at l = 2 one private shard per layer is the whole pool: so half a rank as
+# private shards needs l = 4 (two of each vector's four shards the layer's own)
+VARIANTS = [replace(ADAPTERS[2], tag="layer scale", options=(("layer_scale", True),)),
+            replace(ADAPTERS[2], tag="shard privatization", shards=4, options=(("private_shards", 2),))]
 
 
 def main() -> None:
@@ -39,7 +45,9 @@ def main() -> None:
     ap.add_argument("--regimes", default="", help="comma-separated indices into REGIMES (default all)")
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--summary", default="summary.json", help="file name under results/capacity_pilot/")
+    ap.add_argument("--variants", action="store_true", help="also MoS's variants (VARIANTS), paired with MoS")
     args = ap.parse_args()
+    adapters = ADAPTERS + VARIANTS * args.variants
     picked = [REGIMES[int(i)] for i in args.regimes.split(",") if i] or REGIMES
     out = args.results / "capacity_pilot"
     rows = []
@@ -47,7 +55,7 @@ def main() -> None:
         plan = []
         for task, epochs, lr in picked:
             spec = replace(BASE, tasks=(task,), epochs=epochs)
-            plan += [(spec, task, epochs, a, lr, s) for a in ADAPTERS for s in range(args.seeds)]
+            plan += [(spec, task, epochs, a, lr, s) for a in adapters for s in range(args.seeds)]
         runner.task_id = progress.add_task("pilot", total=len(plan))
         for spec in {p[0] for p in plan}:
             mine = [p for p in plan if p[0] == spec]
@@ -61,29 +69,62 @@ def main() -> None:
     for r in rows:
         print(f"{r['task']:>11} ep={r['epochs']} lr={r['lr']:.0e} s={r['seed']} {r['label']:<18} "
               f"exact={r['exact']:.3f} nll={r['nll']:.3f} bits={r['bits']:.0f} ({r['seconds']:.0f} s)")
-    gaps = [rank_gap(rows, *regime) for regime in picked]
+    pairs = [(ADAPTERS[0], ADAPTERS[1]), (ADAPTERS[0], ADAPTERS[2]), *((ADAPTERS[2], v) for v in VARIANTS * args.variants)]
+    gaps = [g for regime in picked for low, high in pairs if (g := paired(rows, *regime, low.label, high.label))]
     for g in gaps:
-        if g is not None:
-            print(f"{g['task']} ep={g['epochs']} lr={g['lr']:.0e}: LoRA@8e - LoRA@e = {g['mean_bits']:+.0f} bits "
-                  f"(SE {g['se_bits']:.0f}, {g['z']:+.1f} SE, {g['seeds']} seeds)")
+        print(f"{g['task']} ep={g['epochs']} lr={g['lr']:.0e}: {g['high']} - {g['low']} = {g['mean_bits']:+.0f} bits "
+              f"(SE {g['se_bits']:.0f}, {g['z']:+.1f} SE, {g['seeds']} seeds)")
     write_json(out / args.summary, {"environment": environment(), "base_spec": asdict(BASE), "runs": rows,
-                                    "rank_gaps": [g for g in gaps if g is not None],
+                                    "paired_gaps": gaps,
                                     "median_seconds": statistics.median(r["seconds"] for r in rows)})
 
 
-def rank_gap(rows: list[dict], task: str, epochs: float, lr: float) -> dict | None:
-    """LoRA@8e minus LoRA@e in test bits, paired by seed, for one regime (None: < 2 seeds)."""
+def paired(rows: list[dict], task: str, epochs: float, lr: float, low: str, high: str) -> dict | None:
+    """``high`` minus ``low`` (adapter labels) in test bits, paired by seed, for one regime
+    (None: < 2 seeds). With LoRA@e and LoRA@8e it is the regime's rank gap."""
     def bits(label: str) -> dict[int, float]:
         return {r["seed"]: r["bits"] for r in rows
                 if (r["task"], r["epochs"], r["lr"], r["label"]) == (task, epochs, lr, label)}
 
-    low, high = bits(ADAPTERS[0].label), bits(ADAPTERS[1].label)
-    diffs = [high[s] - low[s] for s in sorted(low.keys() & high.keys())]
+    lows, highs = bits(low), bits(high)
+    diffs = [highs[s] - lows[s] for s in sorted(lows.keys() & highs.keys())]
     if len(diffs) < 2:
         return None
     mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-    return {"task": task, "epochs": epochs, "lr": lr, "seeds": len(diffs), "diffs_bits": diffs,
-            "mean_bits": mean, "se_bits": se, "z": mean / se if se else math.inf}
+    return {"task": task, "epochs": epochs, "lr": lr, "low": low, "high": high, "seeds": len(diffs),
+            "diffs_bits": diffs, "mean_bits": mean, "se_bits": se, "z": mean / se if se else math.inf}
+
+
+def pilot_markdown(summary: dict) -> str:
+    """The README's table of a pilot summary: per regime and adapter, test exact match and bits
+    (mean ± std over seeds), then each paired gap with its standard error; with the rank gap
+    and MoS's gain over LoRA@e, MoS's gap recovery."""
+    lines = ["| task | epochs | lr | adapter | params | seeds | exact match | test bits |", "|---" * 8 + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary["runs"]:
+        groups.setdefault((r["task"], r["epochs"], r["lr"], r["label"]), []).append(r)
+    for (task, epochs, lr, label), runs in groups.items():
+        exact, bits = [r["exact"] for r in runs], [r["bits"] for r in runs]
+        lines.append(f"| {task} | {epochs} | {lr:.0e} | {label} | {runs[0]['params']:,} | {len(runs)} | "
+                     f"{_mean_sd(exact, '.3f')} | {_mean_sd(bits, ',.0f')} |")
+    lines.append("")
+    gaps = summary.get("paired_gaps", [])
+    for g in gaps:
+        lines.append(f"- {g['task']}, {g['epochs']} epochs: {g['high']} − {g['low']} = {g['mean_bits']:+,.0f} bits "
+                     f"(SE {g['se_bits']:,.0f}, {g['z']:+.1f} paired SE, {g['seeds']} seeds)")
+    by = {(g["task"], g["epochs"], g["lr"], g["low"], g["high"]): g for g in gaps}
+    low, high, mos = (a.label for a in ADAPTERS)
+    for (task, epochs, lr, a, b), g in by.items():
+        gain = by.get((task, epochs, lr, low, mos))
+        if (a, b) == (low, high) and gain and g["mean_bits"] > 0:
+            lines.append(f"- {task}, {epochs} epochs: {mos} recovers {gain['mean_bits'] / g['mean_bits']:.2f} of "
+                         f"LoRA's rank gap at {low}'s parameters")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_sd(xs: list[float], fmt: str) -> str:
+    sd = f" ± {statistics.stdev(xs):{fmt}}" if len(xs) > 1 else ""
+    return f"{statistics.fmean(xs):{fmt}}{sd}"
 
 
 if __name__ == "__main__":

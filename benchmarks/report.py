@@ -116,6 +116,18 @@ def results_markdown(results_dir: Path) -> str:
                   "### The capacity model: bits per parameter at equal steps and at convergence", "",
                   "What it says, per axis and budget (MoS's best setting there):", "", verdict_markdown(model),
                   model_markdown(model), "![capacity model](results/capacity_model.png)", ""]
+    pilot = read_json(results_dir / "capacity_pilot" / "codebook8.json")
+    if pilot:
+        from .capacity_pilot import pilot_markdown
+
+        parts += ["### A generalization task where rank matters: the codebook", "",
+                  "`python -m benchmarks.capacity_pilot --regimes 5 --seeds 3 --variants --summary codebook8.json`: "
+                  "SmolLM2 learns a secret code from 1,024 phrases of three of the 99 answer words (one seeded "
+                  "permutation of the words per position: `apple river stone -> tiger lemon castle`) and is "
+                  "scored on 256 held-out phrases it never saw, so it must apply the code, not recall phrases; "
+                  "bits = chance NLL − NLL over the held-out answers. All seven kinds, 8 epochs (512 steps), "
+                  "one rate (3e-3) for every adapter, not swept.", "",
+                  pilot_markdown(pilot)]
     ablation = read_json(results_dir / "ablation.json")
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
