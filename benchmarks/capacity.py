@@ -299,9 +299,11 @@ def verdict_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guidance_markdown(result: dict[str, Any]) -> str:
-    """"When to use MoS": what the capacity model's two axes say a practitioner should do, each
-    clause chosen by the measured intervals (not written for a result)."""
+def guidance_markdown(result: dict[str, Any], pilot: dict[str, Any] | None = None) -> str:
+    """"When to use MoS": what the capacity model's two axes (and, if given, the generalization
+    pilot's paired gaps: ``capacity_pilot`` summary) say a practitioner should do, each clause
+    chosen by the measured intervals (not written for a result)."""
+    gaps = {(g["low"], g["high"]): g for g in (pilot or {}).get("paired_gaps", [])}
     best = {}
     for name, axis in result["axes"].items():
         h = headline(_model_track(axis))
@@ -336,9 +338,29 @@ def guidance_markdown(result: dict[str, Any]) -> str:
         wins = {t: d for t, d in deltas.items() if d["paired_z"]["bits"] >= 3}
         if wins:
             tag, d = max(wins.items(), key=lambda kv: kv[1]["paired_z"]["bits"])
-            lines.append(f"- **A variant that helps here:** `{tag}` adds {_ci(d['bits'], 0)} bits "
-                         f"({d['paired_z']['bits']:+.1f} paired SE) at convergence, on this one task; the "
-                         "default stays the paper's MoS until a second task agrees.")
+            second = next((g for (_, high), g in gaps.items() if high.endswith(f"({tag})")), None)
+            text = (f"- **A variant that helps here:** `{tag}` adds {_ci(d['bits'], 0)} bits "
+                    f"({d['paired_z']['bits']:+.1f} paired SE) at convergence")
+            if second is None:
+                text += ", on this one task; the default stays the paper's MoS until a second task agrees."
+            elif second["z"] >= 3:
+                text += (f", and {second['mean_bits']:+,.0f} bits ({second['z']:+.1f} SE) on the codebook: it wins "
+                         "on two tasks.")
+            else:
+                text += (f", but {second['mean_bits']:+,.0f} bits ({second['z']:+.1f} SE) on the codebook, a second "
+                         "task: the default stays the paper's MoS.")
+            lines.append(text)
+    rank = next((g for (low, high), g in gaps.items() if low.startswith("LoRA") and high.startswith("LoRA")), None)
+    mos = next((g for (low, high), g in gaps.items()
+                if low.startswith("LoRA") and high.startswith("MoS") and "(" not in high), None)
+    if rank and mos and rank["z"] >= 3:
+        word, advice = (("recovers", "MoS is the better use of LoRA@e's memory") if mos["z"] >= 3 else
+                        ("appears to recover", "MoS is worth trying at LoRA@e's memory") if mos["z"] > 0 else
+                        ("does not recover any", "spend the memory on LoRA's rank"))
+        lines.append(f"- **Learning a rule (the codebook, scored on held-out phrases):** {mos['high']} {word} "
+                     f"{mos['mean_bits'] / rank['mean_bits']:.2f} of LoRA's rank gain at {mos['low']}'s parameters "
+                     f"({mos['mean_bits']:+,.0f} bits, {mos['z']:+.1f} paired SE, {mos['seeds']} seeds, one rate). "
+                     f"If your task is a pattern to apply rather than facts to recall, {advice}.")
     lines.append("- **Where MoS is the right tool:** many adapters on one base at LoRA@e's bytes each "
                  "(serving, below), with routing indices shared by same-seed adapters, and the same "
                  "merge and PEFT export as LoRA. Pick the budget e from what quality needs, as for LoRA.")

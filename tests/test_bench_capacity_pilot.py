@@ -37,3 +37,27 @@ def test_the_table_reports_each_gap_and_mos_gap_recovery():
     text = pilot_markdown(summary)
     assert f"| codebook:1024 | 8 | 3e-03 | {high} | 10 | 2 | 0.500 ± 0.000 | 301 ± 1 |" in text
     assert f"{high} − {low} = +200 bits" in text and "recovers 0.25 of LoRA's rank gap" in text
+
+
+@pytest.mark.parametrize("mos_bits, layer_scale_bits, words", [
+    ((150.0, 152.0, 149.0), (-50.0, 10.0, -20.0), ("recovers 0.24", "the default stays the paper's MoS")),
+    ((90.0, 150.0, 110.0), (260.0, 262.0, 261.0), ("appears to recover", "it wins on two tasks")),
+    ((80.0, 70.0, 95.0), (0.0, 0.0, 0.0), ("does not recover any", "spend the memory on LoRA's rank")),
+])
+def test_when_to_use_mos_follows_the_pilot_gaps(mos_bits, layer_scale_bits, words):
+    """The pilot's clauses in "When to use MoS" are chosen by its paired gaps (z >= 3 or not),
+    next to the committed capacity model's verdict (where the layer scale won)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.capacity import guidance_markdown
+
+    model = json.loads((Path(__file__).parents[1] / "results" / "capacity_model.json").read_text())
+    low, high, mos = (a.label for a in ADAPTERS)
+    scaled = VARIANTS[0].label
+    rows = [row(low, s, 100.0 + s) for s in range(3)] + [row(high, s, 300.0 + 3 * s) for s in range(3)]
+    rows += [row(mos, s, b) for s, b in enumerate(mos_bits)]
+    rows += [row(scaled, s, b + d) for s, (b, d) in enumerate(zip(mos_bits, layer_scale_bits))]
+    gaps = [paired(rows, "codebook:1024", 8, 3e-3, a, b) for a, b in ((low, high), (low, mos), (mos, scaled))]
+    text = guidance_markdown(model, {"paired_gaps": gaps})
+    assert all(w in text for w in words), text

@@ -29,12 +29,13 @@ def test_an_unknown_vllm_setting_lists_the_choices(tmp_path, capsys):
 
 def test_openmp_is_preloaded_only_where_the_venv_has_it(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
-    assert set(serving_vllm.vllm_settings(python)) == {"vllm", "vllm_2threads"}
+    assert set(serving_vllm.vllm_settings(python)) == {"vllm", "vllm_2threads", "vllm_2threads_block32"}
     (tmp_path / "venv" / "lib").mkdir(parents=True)
     (tmp_path / "venv" / "lib" / "libiomp5.so").touch()
     settings = serving_vllm.vllm_settings(python)
-    assert settings["vllm_2threads_iomp"]["LD_PRELOAD"] == str(tmp_path / "venv" / "lib" / "libiomp5.so")
-    assert settings["vllm"] == {}  # vLLM's own default is left alone
+    assert settings["vllm_2threads_iomp"].env["LD_PRELOAD"] == str(tmp_path / "venv" / "lib" / "libiomp5.so")
+    assert settings["vllm"] == ({}, ())  # vLLM's own default is left alone
+    assert settings["vllm_2threads_block32"].args == ("--block-size", "32")
 
 
 def test_the_bare_base_alone_needs_no_adapters(tmp_path):
