@@ -354,11 +354,12 @@ def guidance_markdown(result: dict[str, Any], pilot: dict[str, Any] | None = Non
     mos = next((g for (low, high), g in gaps.items()
                 if low.startswith("LoRA") and high.startswith("MoS") and "(" not in high), None)
     if rank and mos and rank["z"] >= 3:
-        word, advice = (("recovers", "MoS is the better use of LoRA@e's memory") if mos["z"] >= 3 else
-                        ("appears to recover", "MoS is worth trying at LoRA@e's memory") if mos["z"] > 0 else
-                        ("does not recover any", "spend the memory on LoRA's rank"))
+        share = mos["mean_bits"] / rank["mean_bits"]
+        word, advice = ((f"recovers {share:.2f} of", "MoS is the better use of LoRA@e's memory") if mos["z"] >= 3 else
+                        (f"appears to recover {share:.2f} of", "MoS is worth trying at LoRA@e's memory")
+                        if mos["z"] > 0 else ("does not recover any of", "spend the memory on LoRA's rank"))
         lines.append(f"- **Learning a rule (the codebook, scored on held-out phrases):** {mos['high']} {word} "
-                     f"{mos['mean_bits'] / rank['mean_bits']:.2f} of LoRA's rank gain at {mos['low']}'s parameters "
+                     f"LoRA's rank gain at {mos['low']}'s parameters "
                      f"({mos['mean_bits']:+,.0f} bits, {mos['z']:+.1f} paired SE, {mos['seeds']} seeds, one rate). "
                      f"If your task is a pattern to apply rather than facts to recall, {advice}.")
     lines.append("- **Where MoS is the right tool:** many adapters on one base at LoRA@e's bytes each "

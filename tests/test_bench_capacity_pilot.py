@@ -40,9 +40,9 @@ def test_the_table_reports_each_gap_and_mos_gap_recovery():
 
 
 @pytest.mark.parametrize("mos_bits, layer_scale_bits, words", [
-    ((150.0, 152.0, 149.0), (-50.0, 10.0, -20.0), ("recovers 0.24", "the default stays the paper's MoS")),
+    ((150.0, 152.0, 149.0), (-50.0, 10.0, -20.0), ("recovers 0.24 of", "the default stays the paper's MoS")),
     ((90.0, 150.0, 110.0), (260.0, 262.0, 261.0), ("appears to recover", "it wins on two tasks")),
-    ((80.0, 70.0, 95.0), (0.0, 0.0, 0.0), ("does not recover any", "spend the memory on LoRA's rank")),
+    ((80.0, 70.0, 95.0), (0.0, 0.0, 0.0), ("does not recover any of", "spend the memory on LoRA's rank")),
 ])
 def test_when_to_use_mos_follows_the_pilot_gaps(mos_bits, layer_scale_bits, words):
     """The pilot's clauses in "When to use MoS" are chosen by its paired gaps (z >= 3 or not),
