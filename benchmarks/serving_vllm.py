@@ -54,6 +54,7 @@ import httpx
 from moslora import MoSConfig, export_peft_lora, get_mos_model
 from moslora.assets import default_model_path
 from moslora.config import default_targets
+from moslora.serving.scheduler import PROMPT_CACHE_BYTES
 
 from . import environment, write_json
 from .servers import Server, started
@@ -124,7 +125,7 @@ def review_prompts(count: int, tokens: int) -> list[str]:
 # ---------------------------------------------------------------------------- servers
 
 
-def moslora_command(root: Path, base_dir: Path, batch: int, prompt_cache_mb: int = 256) -> list[str]:
+def moslora_command(root: Path, base_dir: Path, batch: int, prompt_cache_mb: int = PROMPT_CACHE_BYTES >> 20) -> list[str]:
     return [sys.executable, "-m", "moslora.cli", "serve", "--adapters", str(root), "--model", str(base_dir),
             "--max-batch", str(batch), "--batch-window-ms", "5", "--prompt-cache-mb", str(prompt_cache_mb)]
 
