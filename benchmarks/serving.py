@@ -12,8 +12,10 @@ in two phases: *prefill*, the forward pass over 32 x 64 tokens with the logits o
 position (``logits_to_keep=1``, as ``generate`` does), and *generate*, greedy decoding of 16
 new tokens after a 16-token prompt; each timed interleaved across
 
-- ``mos``: ``MultiAdapterModel`` (each layer's factors gathered from the stacked pools at
-  every forward);
+- ``mos``: ``MultiAdapterModel`` (a decoding step's updates by the C++ op straight from the
+  stacked pools, a prefill's from factors gathered from them at every forward);
+- ``mos_torch`` (generate only, when the op is built): the same model with
+  ``decode_kernel = False``, every step on the torch path (the gathered factors);
 - ``peft``: ``PeftModel`` with the same adapters exported by ``export_peft_lora`` and
   ``adapter_names=[...]`` (PEFT's mixed-batch inference);
 - ``merged``: one adapter merged into the base (the ceiling: no adapter work at all).
@@ -48,6 +50,7 @@ from torch import nn
 from moslora import MoSConfig, MoSModel, ParameterReport, export_peft_lora, get_mos_model
 from moslora.config import default_targets
 from moslora.serving import MultiAdapterModel
+from moslora.serving.kernel import available as decode_kernel_available
 
 from . import random_llama
 
@@ -178,9 +181,20 @@ class Contenders:
             "mos": lambda ids, rows: self.mos.generate(ids, adapter_names=rows, **kw),
             "merged": lambda ids, rows: self.merged.generate(input_ids=ids, **kw),
         }
+        if decode_kernel_available():
+            systems["mos_torch"] = lambda ids, rows: self.torch_path(lambda: self.mos.generate(ids, adapter_names=rows, **kw))
         if self.n <= self.track.peft_max:
             systems["peft"] = lambda ids, rows: self.peft.generate(input_ids=ids, adapter_names=rows, **kw)
         return systems
+
+    def torch_path(self, call: Callable[[], Any]) -> Any:
+        """``call`` with MoS decoding on the torch path (the factors gathered from the pools)
+        instead of the C++ op: the op's own speedup, on the same batches."""
+        self.mos.decode_kernel = False
+        try:
+            return call()
+        finally:
+            self.mos.decode_kernel = True
 
     def peft_bytes(self) -> int | None:
         if self.n > self.track.peft_max:
@@ -264,8 +278,8 @@ def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
     """Medians, tokens/s (``tokens`` per call) and our paired speedups of one phase."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     out: dict[str, Any] = {"median_seconds": med, "tokens_per_s": {name: tokens / m for name, m in med.items()}}
-    out["mos_over_merged"] = paired_speedup(times, "mos", "merged")
-    out["mos_over_peft"] = paired_speedup(times, "mos", "peft") if "peft" in times else None
+    for other in ("merged", "peft", "mos_torch"):
+        out[f"mos_over_{other}"] = paired_speedup(times, "mos", other) if other in times else None
     return out
 
 
@@ -289,9 +303,8 @@ def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: arg
 def summary(row: dict[str, Any], name: str) -> str:
     """One phase of a row as a line: tokens/s per system, then our speedups."""
     p = row[name]
-    ratios = [f"mos/merged {p['mos_over_merged']:.2f}"]
-    if p["mos_over_peft"] is not None:
-        ratios.append(f"mos/peft {p['mos_over_peft']:.2f}")
+    ratios = [f"mos/{other} {p[f'mos_over_{other}']:.2f}" for other in ("merged", "peft", "mos_torch")
+              if p[f"mos_over_{other}"] is not None]
     return (f"{name}: " + "  ".join(f"{k} {v:.0f}" for k, v in p["tokens_per_s"].items())
             + " tok/s | " + "  ".join(ratios))
 

@@ -4,37 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import D_IN, D_OUT, LAYERS, adapter_pools
+
 from moslora import MoSConfig, solve_pools
-from moslora.config import ConfigError
 from moslora.pools import ShardPools, kind_generator
 from moslora.serving.stacked import StackedPools
-
-LAYERS, D_IN, D_OUT = 4, 24, 12
-
-
-@st.composite
-def adapter_pools(draw) -> ShardPools:
-    """One adapter's pools of a (4 layers, 24 -> 12) kind with any strategies and variants,
-    shard privatization, every parameter random (so zero-initialised B cannot hide a wrong index)."""
-    budget = draw(st.integers(1, 3))
-    cfg = dict(rank=draw(st.integers(1, 6)), budget_rank=budget, private_rank=draw(st.integers(0, budget - 1)),
-               shards_per_vector=draw(st.sampled_from([1, 2, 3, 4])), subset_selection=draw(st.booleans()),
-               pair_dissociation=draw(st.booleans()), layer_scale=draw(st.booleans()),
-               pool_lr_scale=draw(st.sampled_from([1.0, 0.5])), private_shards=draw(st.integers(0, 2)),
-               seed=draw(st.integers(0, 99)))
-    try:
-        config = MoSConfig(**cfg)
-        plan = solve_pools(config, LAYERS, D_IN, D_OUT)
-    except ConfigError:
-        config = MoSConfig(rank=2, budget_rank=1, seed=cfg["seed"])
-        plan = solve_pools(config, LAYERS, D_IN, D_OUT)
-    pools = ShardPools(plan, config, kind_generator(config.seed, "kind"))
-    gen = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
-        for p in pools.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    return pools
-
 
 @settings(max_examples=60, deadline=None)
 @given(parts=st.lists(adapter_pools(), min_size=1, max_size=4), data=st.data())

@@ -12,7 +12,10 @@ Each adapter stays in its compact form (pools, private segments, routing indices
    pools just in time (the pools stay in cache across layers; no dense factors are kept
    between decoding steps) and adds each adapter's ``scale · B (A x)`` on that adapter's rows
    (Punica/S-LoRA's segmented form, through ``layer.low_rank_update``), never copying factors
-   per row. Base rows are in no update, so they get the bare base exactly.
+   per row. A decoding step (one token per row) skips the factors: the C++ op of
+   ``serving.kernel`` reads each row's shards straight from the stacked pools (the torch
+   path when the op is not built, or with ``decode_kernel = False``). Base rows are in no
+   update, so they get the bare base exactly.
 
 Steps 1-2 happen once per call, so ``generate`` pays them once, not at every new token.
 
@@ -42,6 +45,7 @@ from ..config import MoSConfig
 from ..pools import ShardPools
 from ..layer import MoSLinear, add_to_weight, dense_update, linear_shape, low_rank_update
 from ..targeting import Kind, UnwrappedView, build_pools, swap_module
+from .kernel import available as decode_kernel_available, decode_update
 from .stacked import StackedPools
 from .root import NAME, AdapterRoot
 
@@ -169,14 +173,33 @@ class Route:
     the most any adapter has, padding rows scaled by 0).
     """
 
-    def __init__(self, stack: StackedPools, members: list[tuple[int, int]], updates: tuple[Update, ...]) -> None:
+    def __init__(self, stack: StackedPools, members: list[tuple[int, int]], updates: tuple[Update, ...],
+                 kernel: bool = False) -> None:
         self.stack, self.updates = stack, updates
+        self.kernel = kernel and stack.pool_a.dtype == torch.float32  # the op's one dtype
         self.index = stack.indices(members)
         self._rows: dict[int, tuple[Tensor, Tensor]] = {}
+        self._decode: dict[int, tuple[Tensor, ...]] = {}
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``a: (G, r_max, d_in)``, ``b: (G, d_out, r_max)`` of this layer's ``G`` adapters."""
         return self.stack.factors(*self.index)
+
+    def decode_inputs(self, batch: int) -> tuple[Tensor, ...]:
+        """For ``kernel.decode_update`` on a layer input of ``batch`` rows: ``table_a, table_b:
+        (G, r_max, l)``, ``groups: (batch,)`` (each row's update, -1 for none) and
+        ``scale: (G, r_max)`` (the adapter's scaling times its layer scale)."""
+        if batch not in self._decode:
+            index_a, index_b, layer_scale = self.index
+            device = self.stack.pool_a.device
+            groups = torch.full((batch,), -1, dtype=torch.long, device=device)
+            for g, u in enumerate(self.updates):
+                groups[u.rows.positions(batch)] = g
+            scale = torch.tensor([u.scale for u in self.updates], device=device).view(-1, 1)
+            scale = scale.expand(-1, index_a.shape[1]) if layer_scale is None else scale * layer_scale.squeeze(-1)
+            self._decode[batch] = (index_a.contiguous(), index_b.contiguous(), groups,
+                                   scale.to(torch.float32).contiguous())
+        return self._decode[batch]
 
     def stacked_rows(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """For a layer input of ``batch`` rows: ``scale: (G·m, 1, 1)`` and ``rows: (G·m,)``."""
@@ -214,6 +237,11 @@ class MultiAdapterLinear(nn.Module):
         # added into base(x)'s fresh output in place (a copy only if the base computes in
         # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
         updates = self.route.updates
+        if self.route.kernel and x[0].numel() == self.d_in:  # one token per row: the C++ op, no factors formed
+            out = y.to(torch.float32)
+            decode_update(x.reshape(-1, self.d_in).to(torch.float32).contiguous(), out.view(-1, self.d_out),
+                          self.route.stack.pool_a, self.route.stack.pool_b, *self.route.decode_inputs(x.shape[0]))
+            return out.to(y.dtype)
         a, b = self.route.factors()
         out = y.to(a.dtype)
         if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product
@@ -280,6 +308,7 @@ class MultiAdapterModel(nn.Module):
         self.root = None if adapter_root is None else AdapterRoot(adapter_root)
         self.max_resident_bytes = max_resident_bytes
         self.stats = ResidencyStats()
+        self.decode_kernel = True  # decoding steps use the C++ op when it is built (False: the torch path)
         self._from_root: OrderedDict[str, None] = OrderedDict()  # loaded on use, least recently used first
         # one call at a time: a call sets per-row routes on shared layers (and load, unload and
         # merge rewrite them), so concurrent callers, e.g. server threads, must take turns
@@ -505,6 +534,7 @@ class MultiAdapterModel(nn.Module):
         groups = {name: Rows([i for i, n in enumerate(names) if n == name], len(names), device)
                   for name in dict.fromkeys(n for n in names if n is not None)}
         routes = self._stacks(list(groups))
+        kernel = self.decode_kernel and device.type == "cpu" and decode_kernel_available()
         try:
             for module_name, layer in self._layers.items():
                 if module_name not in routes:
@@ -513,7 +543,7 @@ class MultiAdapterModel(nn.Module):
                 stack, here = routes[module_name]
                 updates = tuple(Update(self._info[name].config.rank, self._info[name].config.scaling, groups[name])
                                 for name, _, _ in here)
-                layer.route = Route(stack, [(g, k) for _, g, k in here], updates)
+                layer.route = Route(stack, [(g, k) for _, g, k in here], updates, kernel=kernel)
             yield
         finally:
             for layer in self._layers.values():
