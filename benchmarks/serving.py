@@ -8,13 +8,14 @@ Two bases ("tracks"), each with N MoS adapters (random non-zero weights):
   kinds), r = 16 at e = 2 (the demo's adapter; there LoRA at 8e is LoRA at r).
 
 For each N and repetition, a batch of 32 rows with a random adapter per row (distinct seeds),
-in two phases: *prefill*, the forward pass over 32 x 64 tokens with the logits of the last
-position (``logits_to_keep=1``, as ``generate`` does), and *generate*, greedy decoding of 16
-new tokens after a 16-token prompt; each timed interleaved across
+in three phases: *prefill*, the forward pass over 32 x 64 tokens with the logits of the last
+position (``logits_to_keep=1``, as ``generate`` does); *generate*, greedy decoding of 16 new
+tokens after a 16-token prompt; and *decode*, that generate's 15 one-token steps alone (from
+its first new token to its last, timed by a streamer); each timed interleaved across
 
 - ``mos``: ``MultiAdapterModel`` (a decoding step's updates by the C++ op straight from the
   stacked pools, a prefill's from factors gathered from them at every forward);
-- ``mos_torch`` (generate only, when the op is built): the same model with
+- ``mos_torch`` (generate and decode, when the op is built): the same model with
   ``decode_kernel = False``, every step on the torch path (the gathered factors);
 - ``peft``: ``PeftModel`` with the same adapters exported by ``export_peft_lora`` and
   ``adapter_names=[...]`` (PEFT's mixed-batch inference);
@@ -55,7 +56,7 @@ from moslora.serving.kernel import available as decode_kernel_available
 from . import random_llama
 
 Forward = Callable[[torch.Tensor, list[str | None]], torch.Tensor]
-COLORS = {"mos": "C0", "peft": "C2", "merged": "C3"}  # one color per system in every panel
+COLORS = {"mos": "C0", "mos_torch": "C1", "peft": "C2", "merged": "C3"}  # one color per system in every panel
 
 
 @dataclass
@@ -174,9 +175,11 @@ class Contenders:
             systems["peft"] = lambda ids, rows: self.peft(input_ids=ids, adapter_names=rows, logits_to_keep=1).logits
         return systems
 
-    def generators(self, new_tokens: int) -> dict[str, Forward]:
-        """Greedy ``generate`` of exactly ``new_tokens`` tokens per row."""
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    def generators(self, new_tokens: int, clock: StepClock | None = None) -> dict[str, Forward]:
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens per row (``clock``: timestamps
+        of its steps, for the decode phase)."""
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  streamer=clock)
         systems: dict[str, Forward] = {
             "mos": lambda ids, rows: self.mos.generate(ids, adapter_names=rows, **kw),
             "merged": lambda ids, rows: self.merged.generate(input_ids=ids, **kw),
@@ -227,10 +230,33 @@ def memory_row(c: Contenders, report: ParameterReport) -> dict[str, Any]:
     }
 
 
-def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace, seq: int) -> dict[str, list[float]]:
+class StepClock:
+    """A ``generate`` streamer that only takes the time: ``generate`` calls ``put`` with the
+    prompt, then once per new token, so the time from the first new token to the last is the
+    decoding steps alone (one token per row each), without the prompt's prefill."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.decode: dict[str, list[float]] = {}
+
+    def put(self, value: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def record(self, name: str) -> None:
+        """File the last call's decoding seconds under ``name``, and start afresh."""
+        self.decode.setdefault(name, []).append(self.stamps[-1] - self.stamps[1])
+        self.stamps = []
+
+
+def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace, seq: int,
+            clock: StepClock | None = None) -> dict[str, list[float]]:
     """Interleaved timings: each repetition draws a batch of ``seq`` tokens a row and a random
     adapter per row, then runs every system on it, so that load from other processes hits all
-    of them alike."""
+    of them alike. With the ``clock`` the systems were built with, it also keeps their
+    decoding steps' seconds (``clock.decode``)."""
     gen = torch.Generator().manual_seed(c.n)
     times: dict[str, list[float]] = {name: [] for name in systems}
     for rep in range(args.warmup + c.track.reps):
@@ -241,6 +267,10 @@ def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace
             forward(ids, rows)
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                if clock is not None:
+                    clock.record(name)
+            elif clock is not None:
+                clock.stamps = []
     return times
 
 
@@ -267,11 +297,16 @@ def max_diffs(c: Contenders) -> dict[str, float | bool]:
     return diffs
 
 
+def paired_ratios(times: dict[str, list[float]], ours: str, other: str) -> list[float]:
+    """Throughput of ``ours`` over ``other`` per repetition: their time ratio on the same batch,
+    run back to back."""
+    return [t_other / t_ours for t_ours, t_other in zip(times[ours], times[other])]
+
+
 def paired_speedup(times: dict[str, list[float]], ours: str, other: str) -> float:
-    """Throughput of ``ours`` over ``other``: the median over repetitions of their time ratio on
-    the same batch, run back to back, which cancels the slow drifts of a shared machine's load
+    """The median of ``paired_ratios``, which cancels the slow drifts of a shared machine's load
     that a ratio of two medians keeps."""
-    return statistics.median(t_other / t_ours for t_ours, t_other in zip(times[ours], times[other]))
+    return statistics.median(paired_ratios(times, ours, other))
 
 
 def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
@@ -284,19 +319,22 @@ def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
 
 
 def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Prefill (``batch x seq`` tokens) and generate (``new_tokens`` per row after a prompt of
-    ``prompt`` tokens) of every system at N = ``c.n``."""
+    """Prefill (``batch x seq`` tokens), generate (``new_tokens`` per row after a prompt of
+    ``prompt`` tokens) and its decoding steps alone (the ``new_tokens - 1`` one-token steps after
+    the first new token) of every system at N = ``c.n``."""
     torch.set_num_threads(threads)
     prefill = timings(c.prefill(), c, args, args.seq)
-    generate = timings(c.generators(args.new_tokens), c, args, args.prompt)
+    clock = StepClock()
+    generate = timings(c.generators(args.new_tokens, clock), c, args, args.prompt, clock)
     return {
         "adapters": c.n,
         "prefill": phase(prefill, args.batch * args.seq),
         "generate": phase(generate, args.batch * args.new_tokens),
+        "decode": phase(clock.decode, args.batch * (args.new_tokens - 1)),
         "checks": diffs,
         # other processes on the machine skew the timings: keep the evidence
         "load_average": os.getloadavg(),
-        "seconds": {"prefill": prefill, "generate": generate},
+        "seconds": {"prefill": prefill, "generate": generate, "decode": clock.decode},
     }
 
 
@@ -329,12 +367,39 @@ def run_track(track: Track, args: argparse.Namespace) -> dict[str, Any]:
                 row = throughput_row(c, run["threads"], diffs, args)
                 run["rows"].append(row)
                 print(f"{track.name} threads={run['threads']} N={count:>3} {summary(row, 'prefill')}\n"
-                      f"{' ' * len(track.name)}                 {summary(row, 'generate')}", flush=True)
+                      f"{' ' * len(track.name)}                 {summary(row, 'generate')}\n"
+                      f"{' ' * len(track.name)}                 {summary(row, 'decode')}", flush=True)
     result["seconds"] = time.perf_counter() - start
     return result
 
 
 # ---------------------------------------------------------------------------- output
+
+
+def serving_markdown(result: dict[str, Any]) -> str:
+    """The README's table of a run: per base and N, resident bytes against LoRA at 8e, and our
+    paired speedups over the merged model, PEFT and (decode) the torch path, each the median
+    over repetitions with its [min, max]."""
+    def ratio(row: dict[str, Any], phase: str, other: str) -> str:
+        times = row["seconds"].get(phase, {})
+        if other not in times:
+            return "–"
+        rs = paired_ratios(times, "mos", other)
+        return f"{statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]"
+
+    cells = (("prefill", "merged"), ("prefill", "peft"), ("decode", "merged"), ("decode", "peft"),
+             ("decode", "mos_torch"), ("generate", "merged"), ("generate", "peft"))
+    lines = ["| base | threads | N | MoS / LoRA-8e, distinct seeds | one seed | prefill: vs merged | vs PEFT | "
+             "decode: vs merged | vs PEFT | op vs torch path | generate: vs merged | vs PEFT |", "|---" * 12 + "|"]
+    for track in result["tracks"]:
+        memory = {m["adapters"]: m for m in track["memory"]}
+        for run in track["runs"]:
+            for row in run["rows"]:
+                m = memory[row["adapters"]]
+                lines.append(f"| {track['name']} | {run['threads']} | {row['adapters']} | "
+                             f"{m['distinct_over_lora_8e']:.4f} | {m['same_seed_over_lora_8e']:.5f} | "
+                             + " | ".join(ratio(row, ph, o) for ph, o in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def label_n(ax: Any, ns: list[int]) -> None:
@@ -352,17 +417,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tracks, cfg = result["tracks"], result["config"]
-    panels = [(run, phase) for run in tracks[0]["runs"] for phase in ("prefill", "generate")]
+    phases = ("prefill", "decode", "generate")
+    panels = [(run, phase) for run in tracks[0]["runs"] for phase in phases]
     fig, axes = plt.subplots(len(tracks), len(panels) + 1, figsize=(5 * (len(panels) + 1), 4 * len(tracks)),
                              squeeze=False)
     shape = {"prefill": f"batch {cfg['batch']}x{cfg['seq']}",
+             "decode": f"batch {cfg['batch']}, {cfg['new_tokens']} - 1 one-token steps",
              "generate": f"batch {cfg['batch']}, {cfg['prompt']}+{cfg['new_tokens']} tokens"}
     for ax_row, track in zip(axes, tracks):
         ns = [row["adapters"] for row in track["memory"]]
-        for ax, (run, phase) in zip(ax_row, [(run, ph) for run in track["runs"] for ph in ("prefill", "generate")]):
+        for ax, (run, phase) in zip(ax_row, [(run, ph) for run in track["runs"] for ph in phases]):
             for name, color in COLORS.items():
                 points = [(r["adapters"], r[phase]["tokens_per_s"][name]) for r in run["rows"]
-                          if name in r[phase]["tokens_per_s"]]
+                          if phase in r and name in r[phase]["tokens_per_s"]]
                 if points:
                     ax.plot(*zip(*points), marker="o", color=color, label=name)
             ax.set(xscale="log", xlabel="adapters resident (N)", ylabel=f"tokens/s ({phase})",
@@ -417,11 +484,13 @@ def main() -> None:
             "prefill": "forward over batch x seq tokens, logits of the last position only (logits_to_keep=1)",
             "generate": "greedy generate of new_tokens per row after a prompt of prompt tokens; "
                         "tokens/s counts generated tokens",
+            "decode": "generate's one-token steps alone: from its first new token to its last (new_tokens - 1 "
+                      "steps), timed by a streamer",
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "load_average_at_start": os.getloadavg(),
-        "targets": {"mos_over_lora_8e": 1 / 8, "prefill_mos_over_peft": 1.0, "generate_mos_over_peft_at_50": 2.0,
-                    "mos_over_merged": 0.85},
+        "targets": {"mos_over_lora_8e": 1 / 8, "prefill_mos_over_peft": 1.1, "decode_mos_over_peft_at_50": 2.5,
+                    "decode_mos_over_merged": 0.85},
         "tracks": [],
     }
     builders = {"llama-small": llama_small, "smollm2": smollm2}
