@@ -29,7 +29,9 @@ BASE = TrackSpec("capacity", ("facts:256",), budgets=(1,), seeds=1, steps=0, bat
 REGIMES = [("facts:256", 8, 3e-3), ("facts:256", 8, 1e-2), ("facts:512", 6, 1e-2),
            ("facts:1024", 4, 1e-2),
            # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4,5 --seeds 3)
-           ("codebook:1024", 2, 3e-3), ("codebook:1024", 8, 3e-3)]
+           ("codebook:1024", 2, 3e-3), ("codebook:1024", 8, 3e-3),
+           # its rate bracket, 2x either side of 3e-3 (--regimes 5,6,7 --seeds 3)
+           ("codebook:1024", 8, 1.5e-3), ("codebook:1024", 8, 6e-3)]
 ADAPTERS = [Adapter("lora", 1, rank=1), Adapter("lora", 8, rank=8), Adapter("mos", 1, rank=8, private=0)]
 # MoS's variants on the generalization task (#27 item 5's second task; --variants): the two that
 # won on the capacity model, each Δ paired with ADAPTERS[2]. At e = 1 no whole rank can be
@@ -74,25 +76,54 @@ def main() -> None:
     for g in gaps:
         print(f"{g['task']} ep={g['epochs']} lr={g['lr']:.0e}: {g['high']} - {g['low']} = {g['mean_bits']:+.0f} bits "
               f"(SE {g['se_bits']:.0f}, {g['z']:+.1f} SE, {g['seeds']} seeds)")
+    regimes = {(task, epochs) for task, epochs, _ in picked}
+    brackets = [rate_bracket(rows, task, epochs) for task, epochs in sorted(regimes)
+                if len({lr for t, e, lr in picked if (t, e) == (task, epochs)}) > 1]
+    for b in brackets:
+        for label, f in b["families"].items():
+            print(f"{b['task']} ep={b['epochs']} {label}: best lr {f['best_lr']:.0e}{' (at an edge)' * f['at_edge']}")
     write_json(out / args.summary, {"environment": environment(), "base_spec": asdict(BASE), "runs": rows,
-                                    "paired_gaps": gaps,
+                                    "paired_gaps": gaps, "rate_brackets": brackets,
                                     "median_seconds": statistics.median(r["seconds"] for r in rows)})
 
 
-def paired(rows: list[dict], task: str, epochs: float, lr: float, low: str, high: str) -> dict | None:
+def paired(rows: list[dict], task: str, epochs: float, lr: float, low: str, high: str,
+           high_lr: float | None = None) -> dict | None:
     """``high`` minus ``low`` (adapter labels) in test bits, paired by seed, for one regime
-    (None: < 2 seeds). With LoRA@e and LoRA@8e it is the regime's rank gap."""
-    def bits(label: str) -> dict[int, float]:
+    (None: < 2 seeds); ``high_lr``: ``high`` at its own rate (default ``lr``). With LoRA@e and
+    LoRA@8e it is the regime's rank gap."""
+    def bits(label: str, rate: float) -> dict[int, float]:
         return {r["seed"]: r["bits"] for r in rows
-                if (r["task"], r["epochs"], r["lr"], r["label"]) == (task, epochs, lr, label)}
+                if (r["task"], r["epochs"], r["lr"], r["label"]) == (task, epochs, rate, label)}
 
-    lows, highs = bits(low), bits(high)
+    lows, highs = bits(low, lr), bits(high, lr if high_lr is None else high_lr)
     diffs = [highs[s] - lows[s] for s in sorted(lows.keys() & highs.keys())]
     if len(diffs) < 2:
         return None
     mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-    return {"task": task, "epochs": epochs, "lr": lr, "low": low, "high": high, "seeds": len(diffs),
-            "diffs_bits": diffs, "mean_bits": mean, "se_bits": se, "z": mean / se if se else math.inf}
+    gap = {"task": task, "epochs": epochs, "lr": lr, "low": low, "high": high, "seeds": len(diffs),
+           "diffs_bits": diffs, "mean_bits": mean, "se_bits": se, "z": mean / se if se else math.inf}
+    return gap if high_lr is None else gap | {"high_lr": high_lr}
+
+
+def rate_bracket(rows: list[dict], task: str, epochs: float) -> dict:
+    """Each adapter's rate grid on one task: mean test bits per rate, the best rate, and whether
+    it sits at an end of the grid (then the optimum is not bracketed); then the gaps of
+    ``paired`` with every adapter at its own best rate."""
+    grids: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if (r["task"], r["epochs"]) == (task, epochs):
+            grids.setdefault(r["label"], {}).setdefault(r["lr"], []).append(r["bits"])
+    families = {}
+    for label, grid in grids.items():
+        means = {lr: statistics.fmean(b) for lr, b in sorted(grid.items())}
+        best = max(means, key=means.__getitem__)
+        families[label] = {"grid": list(means), "mean_bits": list(means.values()), "best_lr": best,
+                           "at_edge": len(means) < 3 or best in (min(means), max(means))}
+    low, high, mos = (a.label for a in ADAPTERS)
+    gaps = [g for a, b in ((low, high), (low, mos)) if a in families and b in families
+            and (g := paired(rows, task, epochs, families[a]["best_lr"], a, b, families[b]["best_lr"]))]
+    return {"task": task, "epochs": epochs, "families": families, "gaps_at_best": gaps}
 
 
 def pilot_markdown(summary: dict) -> str:
@@ -120,6 +151,32 @@ def pilot_markdown(summary: dict) -> str:
             lines.append(f"- {task}, {epochs} epochs: {mos} recovers {gain['mean_bits'] / g['mean_bits']:.2f} of "
                          f"LoRA's rank gap at {low}'s parameters")
     return "\n".join(lines) + "\n"
+
+
+def bracket_markdown(summary: dict) -> str:
+    """The README's table of a summary's rate brackets: per adapter, mean test bits at each rate
+    (the best in bold, flagged when at an end of the grid), then the gaps at every adapter's own
+    best rate."""
+    lines = []
+    for b in summary.get("rate_brackets", []):
+        grid = sorted({lr for f in b["families"].values() for lr in f["grid"]})
+        lines += [f"| {b['task']}, {b['epochs']} epochs | " + " | ".join(f"lr {lr:.1e}" for lr in grid)
+                  + " | best rate |", "|---" * (len(grid) + 2) + "|"]
+        for label, f in b["families"].items():
+            bits = dict(zip(f["grid"], f["mean_bits"]))
+            cells = [("**{:,.0f}**" if lr == f["best_lr"] else "{:,.0f}").format(bits[lr]) if lr in bits else "–"
+                     for lr in grid]
+            edge = " (at an edge: not bracketed)" if f["at_edge"] else " (interior)"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {f['best_lr']:.1e}{edge} |")
+        lines.append("")
+        for g in b["gaps_at_best"]:
+            lines.append(f"- each at its best rate: {g['high']} − {g['low']} = {g['mean_bits']:+,.0f} bits "
+                         f"(SE {g['se_bits']:,.0f}, {g['z']:+.1f} paired SE, {g['seeds']} seeds)")
+        rank, gain = (next((g for g in b["gaps_at_best"] if g["high"] == a.label), None) for a in ADAPTERS[1:])
+        if rank and gain and rank["mean_bits"] > 0:
+            lines.append(f"- gap recovery at the best rates: {gain['mean_bits'] / rank['mean_bits']:.2f}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _mean_sd(xs: list[float], fmt: str) -> str:

@@ -132,6 +132,17 @@ def results_markdown(results_dir: Path) -> str:
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),
                   "![ablation](results/ablation.png)", ""]
+    serving = read_json(results_dir / "serving.json")
+    if serving and "tracks" in serving:
+        from .serving import serving_markdown
+
+        parts += ["### Serving many adapters on one base", "",
+                  f"`make bench-serving`, {serving['date'][:10]}: a batch of 32 rows, a random adapter of the first N "
+                  "per row; our paired speedup (median over repetitions [min, max]) over the merged model (one "
+                  "adapter folded in: no adapter work), PEFT's mixed batch and, for decoding, our torch path. "
+                  "Prefill: 32 × 64 tokens; generate: 16 new tokens after 16; decode: generate's 15 one-token "
+                  "steps alone. See \"Serving many adapters on one base\" above.", "",
+                  serving_markdown(serving), "![serving](results/serving.png)", ""]
     vllm = read_json(results_dir / "serving_vllm.json")
     if vllm and "rows" in vllm:
         from .serving_vllm import vllm_markdown

@@ -61,3 +61,25 @@ def test_when_to_use_mos_follows_the_pilot_gaps(mos_bits, layer_scale_bits, word
     gaps = [paired(rows, "codebook:1024", 8, 3e-3, a, b) for a, b in ((low, high), (low, mos), (mos, scaled))]
     text = guidance_markdown(model, {"paired_gaps": gaps})
     assert all(w in text for w in words), text
+
+
+def test_the_rate_bracket_picks_each_adapters_best_rate_flags_edges_and_pairs_at_the_best():
+    from benchmarks.capacity_pilot import bracket_markdown, rate_bracket
+
+    low, high, mos = (a.label for a in ADAPTERS)
+    means = {low: {1e-3: 100.0, 2e-3: 120.0, 4e-3: 110.0},   # interior
+             high: {1e-3: 200.0, 2e-3: 250.0, 4e-3: 300.0},  # best at the top: not bracketed
+             mos: {1e-3: 130.0, 2e-3: 125.0, 4e-3: 90.0}}    # best at the bottom
+    rows = [row(label, seed, bits + seed * (1 + i)) | {"lr": lr}
+            for i, (label, grid) in enumerate(means.items()) for lr, bits in grid.items() for seed in range(3)]
+    b = rate_bracket(rows, "codebook:1024", 8)
+    assert {k: (f["best_lr"], f["at_edge"]) for k, f in b["families"].items()} == {
+        low: (2e-3, False), high: (4e-3, True), mos: (1e-3, True)}
+    rank, gain = b["gaps_at_best"]
+    # paired by seed across the two rates: high@4e-3 (300 + 2s) minus low@2e-3 (120 + s)
+    assert rank["diffs_bits"] == [180.0, 181.0, 182.0] and rank["high_lr"] == 4e-3 and rank["lr"] == 2e-3
+    assert gain["high"] == mos and gain["mean_bits"] == pytest.approx(133 - 121)  # mos@1e-3 (130 + 3s)
+    text = bracket_markdown({"rate_brackets": [b]})
+    assert f"| {high} | 202 | 252 | **302** | 4.0e-03 (at an edge: not bracketed) |" in text
+    assert f"| {low} | 101 | **121** | 111 | 2.0e-03 (interior) |" in text
+    assert "gap recovery at the best rates: 0.07" in text  # 12 / 181

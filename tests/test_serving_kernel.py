@@ -52,7 +52,7 @@ def test_the_op_equals_the_gathered_factors_for_any_adapters_rows_and_scales(par
     scale = scaling.view(-1, 1) * (torch.ones(stack.rank) if layer_scale is None else layer_scale.squeeze(-1))
     out = base.clone()
     decode_update(x, out, stack.pool_a, stack.pool_b, index_a.contiguous(), index_b.contiguous(), groups, scale)
-    torch.testing.assert_close(out, base + reference(x, stack, members, groups, scaling), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, base + reference(x, stack, members, groups, scaling), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[groups < 0], base[groups < 0]), "a row with no adapter must be left exactly as it was"
 
 
