@@ -276,8 +276,10 @@ def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace
 
 def max_diffs(c: Contenders) -> dict[str, float | bool]:
     """Sanity: MoS (both) vs PEFT on a mixed batch (logits, and greedy tokens); MoS vs the merged
-    model on adapter 0 rows; same-seed registry vs its adapters alone; and how far the adapters
-    move the logits from the base (so the other checks have teeth)."""
+    model on adapter 0 rows; same-seed registry vs its adapters alone; the decode op vs the
+    torch path (greedy tokens, and the largest logit difference over 8 steps, next to the
+    largest logit); and how far the adapters move the logits from the base (so the other
+    checks have teeth)."""
     ids = torch.randint(0, c.track.vocab, (4, 16), generator=torch.Generator().manual_seed(1))
     rows = [f"a{i % c.n}" for i in range(4)]
     systems = c.prefill()
@@ -292,8 +294,15 @@ def max_diffs(c: Contenders) -> dict[str, float | bool]:
     if "peft" in out:
         diffs["mos_vs_peft"] = (out["mos"] - out["peft"]).abs().max().item()
     if "peft" in out:
-        tokens = {name: g(ids, rows) for name, g in c.generators(4).items() if name != "merged"}
+        tokens = {name: g(ids, rows) for name, g in c.generators(4).items() if name not in ("merged", "mos_torch")}
         diffs["generate_mos_equals_peft"] = torch.equal(tokens["mos"], tokens["peft"])
+    if decode_kernel_available():  # the op against the torch path: same tokens, and how far the steps' logits move
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        fast = c.mos.generate(ids, adapter_names=rows, **kw)
+        slow = c.torch_path(lambda: c.mos.generate(ids, adapter_names=rows, **kw))
+        diffs["decode_op_equals_torch_path"] = torch.equal(fast.sequences, slow.sequences)
+        diffs["decode_op_vs_torch_path"] = max((f - s).abs().max().item() for f, s in zip(fast.scores, slow.scores))
+        diffs["decode_logits_max_abs"] = max(s.abs().max().item() for s in slow.scores)
     return diffs
 
 

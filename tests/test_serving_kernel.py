@@ -1,6 +1,8 @@
 """The one-token decode kernel: the C++ op equals the torch path, checks its inputs, and is used."""
 
-import shutil
+import os
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -12,16 +14,16 @@ from hypothesis import strategies as st
 from moslora import MoSConfig, get_mos_model, solve_pools
 from moslora.pools import ShardPools, kind_generator
 from moslora.serving import MultiAdapterModel, multi
-from moslora.serving.kernel import available, decode_update
+from moslora.serving.kernel import available, can_build, decode_update
 from moslora.serving.stacked import StackedPools
 
-needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch path serves")
+needs_kernel = pytest.mark.skipif(not can_build(), reason="no C++ compiler or ninja: the torch path serves")
 
 
 def test_the_kernel_is_built_wherever_a_compiler_is():
-    """Set-up builds the op; a machine with a compiler that fails to build it is a failure here,
-    not a silent fallback."""
-    assert available() == (shutil.which("c++") is not None)
+    """Set-up builds the op; a machine with a compiler and ninja that fails to build it is a
+    failure here, not a silent fallback."""
+    assert available() == can_build()
 
 
 def reference(x, stack, members, groups, scaling):
@@ -117,3 +119,10 @@ def test_decoding_with_the_op_equals_the_torch_path(tmp_path, monkeypatch, make_
         assert torch.equal(fast.sequences, slow.sequences)
         for f, s in zip(fast.scores, slow.scores, strict=True):
             torch.testing.assert_close(f, s, rtol=0, atol=1e-5)
+
+
+def test_the_op_can_be_turned_off_for_a_process():
+    env = {**os.environ, "MOSLORA_DECODE_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", "from moslora.serving.kernel import available; print(available())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

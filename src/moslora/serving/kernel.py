@@ -9,7 +9,7 @@ layer of a kind shares them.
 
 The op is compiled on first use with ``torch.utils.cpp_extension`` (set-up builds it:
 ``moslora.serving.kernel.main()``), for this CPU (``-march=native``, so the build is
-named after the CPU's flags). Without a C++ compiler, or when the build fails, ``available()``
+named after the CPU's flags). Without a C++ compiler or ninja, or when the build fails, ``available()``
 is ``False`` and serving uses the torch path: both give the same result (tests check it).
 ``MOSLORA_DECODE_KERNEL=0`` turns the op off.
 """
@@ -42,13 +42,18 @@ def _cpu_tag() -> str:
     return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
 
 
+def can_build() -> bool:
+    """Whether this machine has what ``torch.utils.cpp_extension`` builds with: a C++ compiler and ninja."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+
+
 @cache
 def available() -> bool:
     """Whether the op is built and loaded (building it on the first call, ~1 min)."""
     if os.environ.get("MOSLORA_DECODE_KERNEL", "1") == "0":
         return False
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        log.warning("decode kernel: no C++ compiler, so decoding uses the torch path")
+    if not can_build():
+        log.warning("decode kernel: no C++ compiler or no ninja, so decoding uses the torch path")
         return False
     from torch.utils.cpp_extension import load
 
