@@ -61,7 +61,10 @@ def test_the_op_equals_the_gathered_factors_for_any_adapters_rows_and_scales(par
 @needs_kernel
 def test_the_op_refuses_inputs_it_cannot_read_safely():
     cfg = MoSConfig(rank=4, budget_rank=2, private_rank=1)
-    stack = StackedPools([ShardPools(solve_pools(cfg, LAYERS, D_IN, D_OUT), cfg, kind_generator(0, "kind"))])
+    pools = ShardPools(solve_pools(cfg, LAYERS, D_IN, D_OUT), cfg, kind_generator(0, "kind"))
+    with torch.no_grad():
+        pools.pool_B.normal_()
+    stack = StackedPools([pools])
     index_a, index_b, _ = stack.indices([(0, 0)])
     x, out = torch.randn(2, D_IN), torch.zeros(2, D_OUT)
     groups, scale = torch.tensor([0, -1]), torch.ones(1, stack.rank)
@@ -71,9 +74,16 @@ def test_the_op_refuses_inputs_it_cannot_read_safely():
     with pytest.raises(RuntimeError, match="groups must be in"):
         decode_update(x, out, *args, torch.tensor([0, 1]), scale)
     with pytest.raises(RuntimeError, match="must be Float"):
-        decode_update(x.double(), out, *args, groups, scale)
+        decode_update(x, out.double(), *args, groups, scale)
     with pytest.raises(RuntimeError, match="contiguous"):
-        decode_update(torch.randn(D_IN, 2).T, out, *args, groups, scale)
+        decode_update(x, torch.zeros(D_OUT, 2).T, *args, groups, scale)
+    with pytest.raises(RuntimeError, match="float CPU tensor"):
+        decode_update(x.long(), out, *args, groups, scale)
+    # a layer's (B, 1, d) input in another dtype is read as float32 rows
+    want, got = torch.zeros(2, D_OUT), torch.zeros(2, 1, D_OUT)
+    decode_update(x.double(), want, *args, groups, scale)
+    decode_update(x.double().T.contiguous().T.unsqueeze(1), got, *args, groups, scale)
+    assert torch.equal(got.squeeze(1), want) and want[0].abs().sum() > 0
     with pytest.raises(RuntimeError, match="disagree on rows"):
         decode_update(x, torch.zeros(3, D_OUT), *args, groups, scale)
 

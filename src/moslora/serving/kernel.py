@@ -70,12 +70,15 @@ def decode_update(x: Tensor, out: Tensor, pool_a: Tensor, pool_b: Tensor, table_
                   groups: Tensor, scale: Tensor) -> None:
     """Add every row's update into ``out`` in place, one token per row.
 
-    ``x: (B, d_in)``, ``out: (B, d_out)`` float32 on the CPU; ``pool_a: (N, d_in / l)``,
+    ``x: (B, ..., d_in)`` (any float dtype), ``out: (B, ..., d_out)`` float32 and contiguous,
+    on the CPU (one token per row: the leading dimensions are rows); ``pool_a: (N, d_in / l)``,
     ``pool_b: (N, d_out / l)``; ``table_a, table_b: (G, r, l)`` int64, the pool rows of each
     adapter's rank vectors (``StackedPools.indices``); ``groups: (B,)`` int64, each row's
     adapter in ``[0, G)`` or -1 for none; ``scale: (G, r)`` float32, each adapter's scaling
     times its layer scale. Row ``i`` of adapter ``g`` gets ``B_g diag(scale_g) A_g x_i``.
     """
+    if not available():
+        raise RuntimeError("the decode kernel is not built here (see the log): use the torch path")
     torch.ops.moslora.decode_update(x, out, pool_a, pool_b, table_a, table_b, groups, scale)
 
 

@@ -237,11 +237,10 @@ class MultiAdapterLinear(nn.Module):
         # added into base(x)'s fresh output in place (a copy only if the base computes in
         # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
         updates = self.route.updates
-        if self.route.kernel and x[0].numel() == self.d_in:  # one token per row: the C++ op, no factors formed
-            out = y.to(torch.float32)
-            decode_update(x.reshape(-1, self.d_in).to(torch.float32).contiguous(), out.view(-1, self.d_out),
-                          self.route.stack.pool_a, self.route.stack.pool_b, *self.route.decode_inputs(x.shape[0]))
-            return out.to(y.dtype)
+        if self.route.kernel and x.numel() == x.shape[0] * self.d_in:  # one token per row: the C++ op, no factors
+            out = y if y.dtype == torch.float32 else y.float()
+            decode_update(x, out, self.route.stack.pool_a, self.route.stack.pool_b, *self.route.decode_inputs(x.shape[0]))
+            return out if out is y else out.to(y.dtype)
         a, b = self.route.factors()
         out = y.to(a.dtype)
         if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product

@@ -60,24 +60,27 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t 
   TORCH_CHECK(t.is_contiguous(), "decode_update: ", name, " must be contiguous");
 }
 
-// x: (B, d_in), out: (B, d_out) float32, updated in place; pool_a: (N, d_in / l), pool_b: (N, d_out / l);
+// x: (B, ..., d_in) of any float dtype (read as float32), out: (B, ..., d_out) float32, contiguous,
+// updated in place: the leading dimensions are rows; pool_a: (N, d_in / l), pool_b: (N, d_out / l);
 // table_a, table_b: (G, r, l) int64 rows of the pools; groups: (B,) int64, a row's adapter in [0, G)
 // or -1 (no update); scale: (G, r) float32, each adapter's scaling times its layer scale.
-void decode_update(const at::Tensor& x, const at::Tensor& out, const at::Tensor& pool_a, const at::Tensor& pool_b,
+void decode_update(const at::Tensor& x_in, const at::Tensor& out, const at::Tensor& pool_a, const at::Tensor& pool_b,
                    const at::Tensor& table_a, const at::Tensor& table_b, const at::Tensor& groups,
                    const at::Tensor& scale) {
-  check(x, "x", at::kFloat, 2);
-  check(out, "out", at::kFloat, 2);
+  // the caller's (B, 1, d) views and dtype casts happen here, not in Python: one op call per layer
+  TORCH_CHECK(x_in.device().is_cpu() && at::isFloatingType(x_in.scalar_type()), "decode_update: x must be a float CPU tensor");
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).to(at::kFloat).contiguous();
+  check(out, "out", at::kFloat, out.dim());
   check(pool_a, "pool_a", at::kFloat, 2);
   check(pool_b, "pool_b", at::kFloat, 2);
   check(table_a, "table_a", at::kLong, 3);
   check(table_b, "table_b", at::kLong, 3);
   check(groups, "groups", at::kLong, 1);
   check(scale, "scale", at::kFloat, 2);
-  const int64_t rows = x.size(0), d_in = x.size(1), d_out = out.size(1);
+  const int64_t rows = x.size(0), d_in = x.size(1), d_out = out.size(-1);
   const int64_t G = table_a.size(0), r = table_a.size(1), l = table_a.size(2);
   const int64_t wa = pool_a.size(1), wb = pool_b.size(1);
-  TORCH_CHECK(out.size(0) == rows && groups.size(0) == rows, "decode_update: x, out and groups disagree on rows");
+  TORCH_CHECK(out.numel() == rows * d_out && groups.size(0) == rows, "decode_update: x, out and groups disagree on rows");
   TORCH_CHECK(table_b.sizes() == table_a.sizes(), "decode_update: table_a and table_b must have one shape");
   TORCH_CHECK(scale.size(0) == G && scale.size(1) == r, "decode_update: scale must be (G, r)");
   TORCH_CHECK(wa * l == d_in && wb * l == d_out, "decode_update: pool widths times l must be d_in and d_out");
