@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException
 from ..checkpoint import CheckpointError
 from ..config import require_float, require_int
 from .decoding import Sampling
+from .kernel import available as decode_kernel_available
 from .metrics import UNKNOWN, ServerMetrics
 from .multi import BASE, MultiAdapterModel, UnknownAdapterError
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, StrictBody, choice, delta, load_json, sse, usage,
@@ -536,4 +537,5 @@ def load_server(base: str | None, adapter_root: str | Path, keys: ApiKeys | None
 
     base_model, tokenizer = load_base(base)
     model = MultiAdapterModel(base_model.eval(), adapter_root=adapter_root, max_resident_bytes=max_resident_bytes)
+    decode_kernel_available()  # load (or build) the decode op now, not on the first request
     return create_app(model, tokenizer, adapter_root, keys, **app_kwargs)
