@@ -299,11 +299,15 @@ def verdict_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guidance_markdown(result: dict[str, Any], pilot: dict[str, Any] | None = None) -> str:
+def guidance_markdown(result: dict[str, Any], pilot: dict[str, Any] | None = None,
+                      rates: dict[str, Any] | None = None) -> str:
     """"When to use MoS": what the capacity model's two axes (and, if given, the generalization
-    pilot's paired gaps: ``capacity_pilot`` summary) say a practitioner should do, each clause
-    chosen by the measured intervals (not written for a result)."""
+    pilot's paired gaps: ``capacity_pilot`` summary; with its rate bracket ``rates``, the gaps
+    at each adapter's best rate) say a practitioner should do, each clause chosen by the
+    measured intervals (not written for a result)."""
     gaps = {(g["low"], g["high"]): g for g in (pilot or {}).get("paired_gaps", [])}
+    brackets = (rates or {}).get("rate_brackets", [])
+    tuned = {(g["low"], g["high"]): g for g in (brackets[0]["gaps_at_best"] if brackets else [])}
     best = {}
     for name, axis in result["axes"].items():
         h = headline(_model_track(axis))
@@ -350,17 +354,25 @@ def guidance_markdown(result: dict[str, Any], pilot: dict[str, Any] | None = Non
                 text += (f", but {second['mean_bits']:+,.0f} bits ({second['z']:+.1f} SE) on the codebook, a second "
                          "task: the default stays the paper's MoS.")
             lines.append(text)
-    rank = next((g for (low, high), g in gaps.items() if low.startswith("LoRA") and high.startswith("LoRA")), None)
-    mos = next((g for (low, high), g in gaps.items()
+    rule = tuned or gaps
+    rank = next((g for (low, high), g in rule.items() if low.startswith("LoRA") and high.startswith("LoRA")), None)
+    mos = next((g for (low, high), g in rule.items()
                 if low.startswith("LoRA") and high.startswith("MoS") and "(" not in high), None)
-    if rank and mos and rank["z"] >= 3:
+    rate = "each at its best rate" if tuned else "one rate"
+    if rank and rank["z"] < 3 and tuned:
+        lines.append(f"- **Learning a rule (the codebook, scored on held-out phrases):** with each adapter at its "
+                     f"best rate, {rank['low']} learns the rule about as well as {rank['high']} "
+                     f"({rank['mean_bits']:+,.0f} bits, {rank['z']:+.1f} paired SE, {rank['seeds']} seeds): rank "
+                     "does not matter on this task once the rate is tuned, so it cannot show what MoS buys. "
+                     "Tune the rate before buying rank.")
+    elif rank and mos and rank["z"] >= 3:
         share = mos["mean_bits"] / rank["mean_bits"]
         word, advice = ((f"recovers {share:.2f} of", "MoS is the better use of LoRA@e's memory") if mos["z"] >= 3 else
                         (f"appears to recover {share:.2f} of", "MoS is worth trying at LoRA@e's memory")
                         if mos["z"] > 0 else ("does not recover any of", "spend the memory on LoRA's rank"))
         lines.append(f"- **Learning a rule (the codebook, scored on held-out phrases):** {mos['high']} {word} "
                      f"LoRA's rank gain at {mos['low']}'s parameters "
-                     f"({mos['mean_bits']:+,.0f} bits, {mos['z']:+.1f} paired SE, {mos['seeds']} seeds, one rate). "
+                     f"({mos['mean_bits']:+,.0f} bits, {mos['z']:+.1f} paired SE, {mos['seeds']} seeds, {rate}). "
                      f"If your task is a pattern to apply rather than facts to recall, {advice}.")
     lines.append("- **Where MoS is the right tool:** many adapters on one base at LoRA@e's bytes each "
                  "(serving, below), with routing indices shared by same-seed adapters, and the same "

@@ -30,8 +30,9 @@ REGIMES = [("facts:256", 8, 3e-3), ("facts:256", 8, 1e-2), ("facts:512", 6, 1e-2
            ("facts:1024", 4, 1e-2),
            # the generalization pilot (#27): scored on held-out phrases, 3 seeds (--regimes 4,5 --seeds 3)
            ("codebook:1024", 2, 3e-3), ("codebook:1024", 8, 3e-3),
-           # its rate bracket, 2x either side of 3e-3 (--regimes 5,6,7 --seeds 3)
-           ("codebook:1024", 8, 1.5e-3), ("codebook:1024", 8, 6e-3)]
+           # its rate bracket, 2x either side of 3e-3, then 1.2e-2 when LoRA r = 1's best was 6e-3, the
+           # top (--regimes 5,6,7,8 --seeds 3)
+           ("codebook:1024", 8, 1.5e-3), ("codebook:1024", 8, 6e-3), ("codebook:1024", 8, 1.2e-2)]
 ADAPTERS = [Adapter("lora", 1, rank=1), Adapter("lora", 8, rank=8), Adapter("mos", 1, rank=8, private=0)]
 # MoS's variants on the generalization task (#27 item 5's second task; --variants): the two that
 # won on the capacity model, each Δ paired with ADAPTERS[2]. At e = 1 no whole rank can be

@@ -110,24 +110,32 @@ def results_markdown(results_dir: Path) -> str:
                   "![capacity](results/capacity.png)", ""]
     model = read_json(results_dir / "capacity_model.json")
     pilot = read_json(results_dir / "capacity_pilot" / "codebook8.json")
+    rates = read_json(results_dir / "capacity_pilot" / "codebook_lr.json")
     if model:
         from .capacity import guidance_markdown, model_markdown, verdict_markdown
 
-        parts += ["### When to use MoS", "", guidance_markdown(model, pilot), "",
+        parts += ["### When to use MoS", "", guidance_markdown(model, pilot, rates), "",
                   "### The capacity model: bits per parameter at equal steps and at convergence", "",
                   "What it says, per axis and budget (MoS's best setting there):", "", verdict_markdown(model),
                   model_markdown(model), "![capacity model](results/capacity_model.png)", ""]
     if pilot:
         from .capacity_pilot import pilot_markdown
 
-        parts += ["### A generalization task where rank matters: the codebook", "",
+        parts += ["### A generalization task: the codebook", "",
                   "`python -m benchmarks.capacity_pilot --regimes 5 --seeds 3 --variants --summary codebook8.json`: "
                   "SmolLM2 learns a secret code from 1,024 phrases of three of the 99 answer words (one seeded "
                   "permutation of the words per position: `apple river stone -> tiger lemon castle`) and is "
                   "scored on 256 held-out phrases it never saw, so it must apply the code, not recall phrases; "
                   "bits = chance NLL − NLL over the held-out answers. All seven kinds, 8 epochs (512 steps), "
-                  "one rate (3e-3) for every adapter, not swept.", "",
-                  pilot_markdown(pilot)]
+                  "the table at one rate (3e-3) for every adapter and variant; each adapter's rate bracket follows.",
+                  "", pilot_markdown(pilot)]
+    if rates and rates.get("rate_brackets"):
+        from .capacity_pilot import bracket_markdown
+
+        parts += ["Each adapter's rates (`python -m benchmarks.capacity_pilot --regimes 5,6,7,8 --seeds 3 --summary "
+                  "codebook_lr.json`): mean test bits over 3 seeds, its best in bold. The best rate is chosen on "
+                  "the test phrases (the task has no validation split), so the gaps at the best rates lean "
+                  "slightly in each adapter's favour alike.", "", bracket_markdown(rates)]
     ablation = read_json(results_dir / "ablation.json")
     if ablation:
         parts += ["### Ablation of the four strategies", "", ablation_markdown(ablation),

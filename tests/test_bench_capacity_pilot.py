@@ -83,3 +83,29 @@ def test_the_rate_bracket_picks_each_adapters_best_rate_flags_edges_and_pairs_at
     assert f"| {high} | 202 | 252 | **302** | 4.0e-03 (at an edge: not bracketed) |" in text
     assert f"| {low} | 101 | **121** | 111 | 2.0e-03 (interior) |" in text
     assert "gap recovery at the best rates: 0.07" in text  # 12 / 181
+
+
+def test_when_to_use_mos_takes_the_gaps_at_the_best_rates_when_a_bracket_exists():
+    """Tuned rates replace the one-rate gaps: a rank gap that vanishes once LoRA@e's rate is
+    tuned says so (and makes no claim about MoS); one that holds is quoted "each at its best rate"."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.capacity import guidance_markdown
+    from benchmarks.capacity_pilot import rate_bracket
+
+    model = json.loads((Path(__file__).parents[1] / "results" / "capacity_model.json").read_text())
+    low, high, mos = (a.label for a in ADAPTERS)
+    one_rate = [row(low, s, 100.0 + s) for s in range(3)] + [row(high, s, 300.0 + 3 * s) for s in range(3)]
+    one_rate += [row(mos, s, 200.0 + s * s) for s in range(3)]
+    pilot = {"paired_gaps": [paired(one_rate, "codebook:1024", 8, 3e-3, low, b) for b in (high, mos)]}
+    # LoRA r = 1 at 6e-3 per seed: within noise of LoRA r = 8's 300, 303, 306 (z < 3), or far below it
+    for low_top, words in (((296.0, 310.0, 292.0), "learns the rule about as well as"),
+                           ((150.0, 151.0, 154.0), "each at its best rate")):
+        tuned = one_rate + [row(low, s, b) | {"lr": 6e-3} for s, b in enumerate(low_top)]
+        tuned += [row(label, s, bits + s * s) | {"lr": 6e-3} for label, bits in ((high, 290.0), (mos, 190.0))
+                  for s in range(3)]
+        tuned += [row(label, s, 10.0 + s) | {"lr": 1.5e-3} for label in (low, high, mos) for s in range(3)]
+        rates = {"rate_brackets": [rate_bracket(tuned, "codebook:1024", 8)]}
+        text = guidance_markdown(model, pilot, rates)
+        assert words in text, text
