@@ -145,7 +145,7 @@ def results_markdown(results_dir: Path) -> str:
         from .serving import serving_markdown
 
         parts += ["### Serving many adapters on one base", "",
-                  f"`make bench-serving`, {serving['date'][:10]}: a batch of 32 rows, a random adapter of the first N "
+                  "`make bench-serving` (each base's date by its name): a batch of 32 rows, a random adapter of the first N "
                   "per row; our paired speedup (median over repetitions [min, max]) over the merged model (one "
                   "adapter folded in: no adapter work), PEFT's mixed batch and, for decoding, our torch path. "
                   "Prefill: 32 × 64 tokens; generate: 16 new tokens after 16; decode: generate's 15 one-token "

@@ -359,7 +359,8 @@ def summary(row: dict[str, Any], name: str) -> str:
 def run_track(track: Track, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {
-        "name": track.name, "base": track.description, "mos_config": track.config.to_dict(),
+        "name": track.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base": track.description, "mos_config": track.config.to_dict(),
         "threads": track.threads, "reps": track.reps, "peft_max_adapters": track.peft_max, "left_out": track.left_out,
         "memory": [], "runs": [{"threads": t, "rows": []} for t in track.threads],
     }
@@ -402,10 +403,11 @@ def serving_markdown(result: dict[str, Any]) -> str:
              "decode: vs merged | vs PEFT | op vs torch path | generate: vs merged | vs PEFT |", "|---" * 12 + "|"]
     for track in result["tracks"]:
         memory = {m["adapters"]: m for m in track["memory"]}
+        name = f"{track['name']} ({track.get('date', result['date'])[:10]})"
         for run in track["runs"]:
             for row in run["rows"]:
                 m = memory[row["adapters"]]
-                lines.append(f"| {track['name']} | {run['threads']} | {row['adapters']} | "
+                lines.append(f"| {name} | {run['threads']} | {row['adapters']} | "
                              f"{m['distinct_over_lora_8e']:.4f} | {m['same_seed_over_lora_8e']:.5f} | "
                              + " | ".join(ratio(row, ph, o) for ph, o in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -476,6 +478,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row for generate")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row")
     ap.add_argument("--out", default=None, help="default results/serving.json (--quick: runs/serving-quick.json)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the tracks of --out that this run does not measure (each track has its date)")
     args = ap.parse_args()
     if args.quick:
         args.adapters, args.threads, args.smollm2_threads, args.reps, args.smollm2_reps = [1, 10], [1], [1], 2, 2
@@ -505,6 +509,10 @@ def main() -> None:
     builders = {"llama-small": llama_small, "smollm2": smollm2}
     for name in args.tracks:
         result["tracks"].append(run_track(builders[name](args), args))
+    if args.update and args.out.exists():
+        old = json.loads(args.out.read_text())
+        kept = [t | {"date": t.get("date", old["date"])} for t in old["tracks"] if t["name"] not in args.tracks]
+        result["tracks"] = kept + result["tracks"]
     result["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -21,10 +21,11 @@ def test_the_table_takes_paired_ratios_per_repetition():
     assert paired_ratios(times, "mos", "peft") == [2.0, 1.5, 3.0]
     row = {"adapters": 50, "seconds": {"prefill": times, "decode": {"mos": [1.0, 1.0], "mos_torch": [1.2, 1.5]}}}
     memory = {"adapters": 50, "distinct_over_lora_8e": 0.12758, "same_seed_over_lora_8e": 0.125049}
-    result = {"tracks": [{"name": "smollm2", "memory": [memory], "runs": [{"threads": 1, "rows": [row]}]}]}
+    result = {"date": "2026-12-07T10:00:00+00:00",
+              "tracks": [{"name": "smollm2", "memory": [memory], "runs": [{"threads": 1, "rows": [row]}]}]}
     line = serving_markdown(result).splitlines()[2]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[:5] == ["smollm2", "1", "50", "0.1276", "0.12505"]
+    assert cells[:5] == ["smollm2 (2026-12-07)", "1", "50", "0.1276", "0.12505"]
     assert cells[5] == "0.90 [0.50, 0.90]"  # prefill vs merged: 0.9, 0.5, 0.9
     assert cells[6] == "2.00 [1.50, 3.00]"  # prefill vs PEFT
     assert cells[7] == "–" and cells[8] == "–", "a system not run is a dash, not a number"
