@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from moslora import MoSConfig, get_mos_model, solve_pools
 from moslora.config import ConfigError, default_targets
 from moslora.pools import ShardPools, kind_generator
+from moslora.serving.stacked import StackedPools
 
 LLAMA_KINDS = default_targets("llama")
 
@@ -131,3 +132,13 @@ def adapter_pools(draw) -> ShardPools:
         for p in pools.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     return pools
+
+
+@st.composite
+def stacked_layer(draw) -> tuple[list[ShardPools], StackedPools, list[tuple[int, int]]]:
+    """1-4 adapters' pools (``adapter_pools``) end to end, and one layer's members: any subset of
+    the adapters, in any order (a layer that only some adapters target)."""
+    parts = draw(st.lists(adapter_pools(), min_size=1, max_size=4))
+    layer = draw(st.integers(0, LAYERS - 1))
+    order = draw(st.permutations(range(len(parts))))
+    return parts, StackedPools(parts), [(g, layer) for g in order[:draw(st.integers(1, len(parts)))]]

@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import D_IN, D_OUT, LAYERS, LLAMA_KINDS, adapter_pools, randomize_adapter, tiny_gpt2, tiny_llama
+from conftest import D_IN, D_OUT, LAYERS, LLAMA_KINDS, randomize_adapter, stacked_layer, tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,12 +39,9 @@ def reference(x, stack, members, groups, scaling):
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
-@given(parts=st.lists(adapter_pools(), min_size=1, max_size=4), data=st.data())
-def test_the_op_equals_the_gathered_factors_for_any_adapters_rows_and_scales(parts, data):
-    stack = StackedPools(parts)
-    layer = data.draw(st.integers(0, LAYERS - 1))
-    order = data.draw(st.permutations(range(len(parts))))
-    members = [(g, layer) for g in order[:data.draw(st.integers(1, len(parts)))]]
+@given(layer=stacked_layer(), data=st.data())
+def test_the_op_equals_the_gathered_factors_for_any_adapters_rows_and_scales(layer, data):
+    _, stack, members = layer
     rows = data.draw(st.integers(1, 9))
     groups = torch.tensor(data.draw(st.lists(st.integers(-1, len(members) - 1), min_size=rows, max_size=rows)))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))

@@ -2,22 +2,17 @@
 
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from conftest import D_IN, D_OUT, LAYERS, adapter_pools
+from conftest import D_IN, D_OUT, LAYERS, stacked_layer
 
 from moslora import MoSConfig, solve_pools
 from moslora.pools import ShardPools, kind_generator
 from moslora.serving.stacked import StackedPools
 
 @settings(max_examples=60, deadline=None)
-@given(parts=st.lists(adapter_pools(), min_size=1, max_size=4), data=st.data())
-def test_gathered_factors_are_each_adapters_own_padded_with_zero_ranks(parts, data):
-    stack = StackedPools(parts)
-    layer = data.draw(st.integers(0, LAYERS - 1))
-    # any subset of the adapters, in any order (a layer that only some adapters target)
-    order = data.draw(st.permutations(range(len(parts))))
-    members = [(g, layer) for g in order[:data.draw(st.integers(1, len(parts)))]]
+@given(layer=stacked_layer())
+def test_gathered_factors_are_each_adapters_own_padded_with_zero_ranks(layer):
+    parts, stack, members = layer
     a, b = stack.factors(*stack.indices(members))
     assert a.shape == (len(members), stack.rank, D_IN) and b.shape == (len(members), D_OUT, stack.rank)
     for i, (g, k) in enumerate(members):
