@@ -57,6 +57,7 @@ from . import random_llama
 
 Forward = Callable[[torch.Tensor, list[str | None]], torch.Tensor]
 COLORS = {"mos": "C0", "mos_torch": "C1", "peft": "C2", "merged": "C3"}  # one color per system in every panel
+BASELINES = ("merged", "peft", "mos_torch")  # what our speedups are over, where a phase has them
 
 
 @dataclass
@@ -245,9 +246,11 @@ class StepClock:
     def end(self) -> None:
         pass
 
-    def record(self, name: str) -> None:
-        """File the last call's decoding seconds under ``name``, and start afresh."""
-        self.decode.setdefault(name, []).append(self.stamps[-1] - self.stamps[1])
+    def record(self, name: str | None) -> None:
+        """File the last call's decoding seconds under ``name`` (``None``: a warm-up, dropped),
+        and start afresh."""
+        if name is not None:
+            self.decode.setdefault(name, []).append(self.stamps[-1] - self.stamps[1])
         self.stamps = []
 
 
@@ -267,10 +270,8 @@ def timings(systems: dict[str, Forward], c: Contenders, args: argparse.Namespace
             forward(ids, rows)
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-                if clock is not None:
-                    clock.record(name)
-            elif clock is not None:
-                clock.stamps = []
+            if clock is not None:
+                clock.record(name if rep >= args.warmup else None)
     return times
 
 
@@ -322,7 +323,7 @@ def phase(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
     """Medians, tokens/s (``tokens`` per call) and our paired speedups of one phase."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     out: dict[str, Any] = {"median_seconds": med, "tokens_per_s": {name: tokens / m for name, m in med.items()}}
-    for other in ("merged", "peft", "mos_torch"):
+    for other in BASELINES:
         out[f"mos_over_{other}"] = paired_speedup(times, "mos", other) if other in times else None
     return out
 
@@ -350,8 +351,7 @@ def throughput_row(c: Contenders, threads: int, diffs: dict[str, Any], args: arg
 def summary(row: dict[str, Any], name: str) -> str:
     """One phase of a row as a line: tokens/s per system, then our speedups."""
     p = row[name]
-    ratios = [f"mos/{other} {p[f'mos_over_{other}']:.2f}" for other in ("merged", "peft", "mos_torch")
-              if p[f"mos_over_{other}"] is not None]
+    ratios = [f"mos/{other} {p[f'mos_over_{other}']:.2f}" for other in BASELINES if p[f"mos_over_{other}"] is not None]
     return (f"{name}: " + "  ".join(f"{k} {v:.0f}" for k, v in p["tokens_per_s"].items())
             + " tok/s | " + "  ".join(ratios))
 

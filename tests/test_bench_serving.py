@@ -14,6 +14,9 @@ def test_the_clock_times_the_decoding_steps_of_a_real_generate():
     assert clock.stamps == sorted(clock.stamps)
     clock.record("merged")
     assert clock.stamps == [] and len(clock.decode["merged"]) == 1 and clock.decode["merged"][0] > 0
+    clock.put(None), clock.put(None)
+    clock.record(None)  # a warm-up call: dropped
+    assert clock.stamps == [] and list(clock.decode) == ["merged"] and len(clock.decode["merged"]) == 1
 
 
 def test_the_table_takes_paired_ratios_per_repetition():

@@ -168,9 +168,10 @@ class Route:
     are kept between decoding steps).
 
     A decoding step has one token per row, so one adapter's share is a few matrix-vector
-    products and the cost is the number of operations, not their size: ``stacked_rows`` gives
-    the rows for one batched product over every adapter instead (each adapter's rows padded to
-    the most any adapter has, padding rows scaled by 0).
+    products and the cost is the number of operations, not their size. With ``kernel``,
+    ``decode_inputs`` gives what the C++ op reads instead of factors; on the torch path
+    ``stacked_rows`` gives the rows for one batched product over every adapter (each
+    adapter's rows padded to the most any adapter has, padding rows scaled by 0).
     """
 
     def __init__(self, stack: StackedPools, members: list[tuple[int, int]], updates: tuple[Update, ...],
@@ -236,14 +237,15 @@ class MultiAdapterLinear(nn.Module):
         # each adapter's compact factors on its rows' slice (Punica/S-LoRA's segmented form),
         # added into base(x)'s fresh output in place (a copy only if the base computes in
         # another dtype): no per-row copies of the factors, no delta tensor for the whole batch
-        updates = self.route.updates
-        if self.route.kernel and x.numel() == x.shape[0] * self.d_in:  # one token per row: the C++ op, no factors
+        one_token = x.numel() == x.shape[0] * self.d_in  # a decoding step: one token per row
+        if self.route.kernel and one_token:  # the C++ op, no factors formed
             out = y if y.dtype == torch.float32 else y.float()
             decode_update(x, out, self.route.stack.pool_a, self.route.stack.pool_b, *self.route.decode_inputs(x.shape[0]))
             return out if out is y else out.to(y.dtype)
+        updates = self.route.updates
         a, b = self.route.factors()
         out = y.to(a.dtype)
-        if len(updates) > 1 and x[0].numel() == self.d_in:  # one token per row: one batched product
+        if len(updates) > 1 and one_token:  # one batched product over the adapters
             scale, rows = self.route.stacked_rows(x.shape[0], a.dtype)
             low_rank_update(x, a, b, scale, out=out, rows=rows)
         else:
