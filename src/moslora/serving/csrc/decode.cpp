@@ -19,38 +19,49 @@
 
 namespace {
 
-// Four rank vectors at a time: four independent sums (FMA latency is hidden) over one read of x.
-inline void dot4(const float* __restrict x, const float* s0, const float* s1, const float* s2, const float* s3,
-                 int64_t n, float* acc) {
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t k = 0; k < n; ++k) {
-    a0 += x[k] * s0[k];
-    a1 += x[k] * s1[k];
-    a2 += x[k] * s2[k];
-    a3 += x[k] * s3[k];
+// V rank vectors at a time: V independent sums over one read of x, so that V pool rows stream
+// in at once (memory-level parallelism; each row is short, d / l floats) and FMA latency is hidden.
+template <int V>
+inline void dot(const float* __restrict x, const float* const* s, int64_t n, float* acc) {
+  // V accumulators of 16 floats (one AVX-512 register, two AVX2 ones), summed at the end
+  constexpr int W = 16;
+  float a[V][W] = {};
+  int64_t k = 0;
+  for (; k + W <= n; k += W)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+#pragma omp simd
+      for (int w = 0; w < W; ++w) a[v][w] += x[k + w] * s[v][k + w];
+  for (int v = 0; v < V; ++v) {
+    float t = 0.f;
+    for (int w = 0; w < W; ++w) t += a[v][w];
+    for (int64_t q = k; q < n; ++q) t += x[q] * s[v][q];
+    acc[v] += t;
   }
-  acc[0] += a0, acc[1] += a1, acc[2] += a2, acc[3] += a3;
 }
 
-inline float dot(const float* __restrict x, const float* __restrict s, int64_t n) {
-  float a = 0.f;
-#pragma omp simd reduction(+ : a)
-  for (int64_t k = 0; k < n; ++k) a += x[k] * s[k];
-  return a;
-}
-
-// y += h0 s0 + h1 s1 + h2 s2 + h3 s3: one pass over y for four rank vectors.
-inline void axpy4(const float* h, const float* s0, const float* s1, const float* s2, const float* s3,
-                  float* __restrict y, int64_t n) {
-  const float h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
+// y += sum_v h[v] s[v]: one pass over y for V rank vectors.
+template <int V>
+inline void axpy(const float* h, const float* const* s, float* __restrict y, int64_t n) {
+  float hv[V];
+  const float* p[V];
+  for (int v = 0; v < V; ++v) hv[v] = h[v], p[v] = s[v];
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += h0 * s0[k] + h1 * s1[k] + h2 * s2[k] + h3 * s3[k];
+  for (int64_t k = 0; k < n; ++k) {
+    float t = y[k];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) t += hv[v] * p[v][k];
+    y[k] = t;
+  }
 }
 
-inline void axpy(float h, const float* __restrict s, float* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += h * s[k];
+// Calls f.template operator()<V>(j) for rank vectors [0, r) in blocks of V = 8, then 4, then 1.
+template <class F>
+inline void rank_blocks(int64_t r, F&& f) {
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) f.template operator()<8>(j);
+  for (; j + 4 <= r; j += 4) f.template operator()<4>(j);
+  for (; j < r; ++j) f.template operator()<1>(j);
 }
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
@@ -121,24 +132,20 @@ void decode_update(const at::Tensor& x_in, const at::Tensor& out, const at::Tens
       const int64_t* ta = TA + g * r * l;
       const int64_t* tb = TB + g * r * l;
       std::fill(h.begin(), h.end(), 0.f);
-      for (int64_t c = 0; c < l; ++c) {
-        auto sa = [&](int64_t j) { return PA + ta[j * l + c] * wa; };
-        int64_t j = 0;
-        for (; j + 4 <= r; j += 4)
-          for (int64_t t = 0; t < m; ++t) dot4(X + R[t] * d_in + c * wa, sa(j), sa(j + 1), sa(j + 2), sa(j + 3), wa, &h[t * r + j]);
-        for (; j < r; ++j)
-          for (int64_t t = 0; t < m; ++t) h[t * r + j] += dot(X + R[t] * d_in + c * wa, sa(j), wa);
-      }
+      for (int64_t c = 0; c < l; ++c)  // h[t, j] = chunk c of row t's x . pool row of rank vector j, summed over c
+        rank_blocks(r, [&]<int V>(int64_t j) {
+          const float* s[V];
+          for (int v = 0; v < V; ++v) s[v] = PA + ta[(j + v) * l + c] * wa;
+          for (int64_t t = 0; t < m; ++t) dot<V>(X + R[t] * d_in + c * wa, s, wa, &h[t * r + j]);
+        });
       for (int64_t t = 0; t < m; ++t)
         for (int64_t j = 0; j < r; ++j) h[t * r + j] *= S[g * r + j];
-      for (int64_t c = 0; c < l; ++c) {
-        auto sb = [&](int64_t j) { return PB + tb[j * l + c] * wb; };
-        int64_t j = 0;
-        for (; j + 4 <= r; j += 4)
-          for (int64_t t = 0; t < m; ++t) axpy4(&h[t * r + j], sb(j), sb(j + 1), sb(j + 2), sb(j + 3), Y + R[t] * d_out + c * wb, wb);
-        for (; j < r; ++j)
-          for (int64_t t = 0; t < m; ++t) axpy(h[t * r + j], sb(j), Y + R[t] * d_out + c * wb, wb);
-      }
+      for (int64_t c = 0; c < l; ++c)  // chunk c of row t's out += sum_j h[t, j] pool row of rank vector j
+        rank_blocks(r, [&]<int V>(int64_t j) {
+          const float* s[V];
+          for (int v = 0; v < V; ++v) s[v] = PB + tb[(j + v) * l + c] * wb;
+          for (int64_t t = 0; t < m; ++t) axpy<V>(&h[t * r + j], s, Y + R[t] * d_out + c * wb, wb);
+        });
     }
   });
 }
