@@ -149,8 +149,8 @@ def pilot_markdown(summary: dict) -> str:
     for (task, epochs, lr, a, b), g in by.items():
         gain = by.get((task, epochs, lr, low, mos))
         if (a, b) == (low, high) and gain and g["mean_bits"] > 0:
-            lines.append(f"- {task}, {epochs} epochs: {mos} recovers {gain['mean_bits'] / g['mean_bits']:.2f} of "
-                         f"LoRA's rank gap at {low}'s parameters")
+            lines.append(f"- {task}, {epochs} epochs, lr {lr:.0e}: {mos} recovers {gain['mean_bits'] / g['mean_bits']:.2f} "
+                         f"of LoRA's rank gap at {low}'s parameters, at this one rate for all")
     return "\n".join(lines) + "\n"
 
 

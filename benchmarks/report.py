@@ -121,13 +121,15 @@ def results_markdown(results_dir: Path) -> str:
     if pilot:
         from .capacity_pilot import pilot_markdown
 
-        parts += ["### A generalization task: the codebook", "",
+        parts += ["### A generalization pilot: the codebook", "",
                   "`python -m benchmarks.capacity_pilot --regimes 5 --seeds 3 --variants --summary codebook8.json`: "
                   "SmolLM2 learns a secret code from 1,024 phrases of three of the 99 answer words (one seeded "
                   "permutation of the words per position: `apple river stone -> tiger lemon castle`) and is "
                   "scored on 256 held-out phrases it never saw, so it must apply the code, not recall phrases; "
                   "bits = chance NLL − NLL over the held-out answers. All seven kinds, 8 epochs (512 steps), "
-                  "the table at one rate (3e-3) for every adapter and variant; each adapter's rate bracket follows.",
+                  "the table at one shared rate (3e-3) for every adapter and variant. A gap at one shared rate can be "
+                  "one adapter's untuned rate: each adapter's rate bracket follows, with the gaps at each one's best "
+                  "rate, which are the ones to read.",
                   "", pilot_markdown(pilot)]
     if rates and rates.get("rate_brackets"):
         from .capacity_pilot import bracket_markdown
