@@ -4,8 +4,10 @@ low-rank update straight from a kind's stacked shard pools, never forming the la
 Why: at one token per row, the torch path gathers every layer's ``(G, r, d)`` factors from
 the pools into a buffer (~470 MB per step for the ~24 adapters of a 32-row SmolLM2 batch),
 then runs batched products over groups of a few rows, far from the CPU's peak. The op reads
-only the pool rows each layer uses; the pools stay in cache across layers, because every
-layer of a kind shares them.
+only the pool rows each layer uses and writes only its output rows. The pools are shared by
+every layer of a kind, so they can stay in a large enough last-level cache across layers; a
+layer still reads as many bytes as its dense factors, so when they do not fit (SmolLM2, ~23
+adapters, ~56 MB, with the base's weights streaming through the cache) the op is bound by memory.
 
 The op is compiled on first use with ``torch.utils.cpp_extension`` (set-up builds it:
 ``moslora.serving.kernel.main()``), for this CPU (``-march=native``, so the build is

@@ -7,8 +7,8 @@
 //   h[j]  = scale[g, j] * sum_c  x[i, c-th chunk] . pool_a[table_a[g, j, c]]      (j < r)
 //   out[i, c-th chunk] += sum_j  h[j] * pool_b[table_b[g, j, c]]
 //
-// so it reads the pool rows its layer uses, which stay in cache from one layer to the next
-// (a kind's pools are shared by all its layers), and writes nothing but its output row.
+// so it reads the pool rows its layer uses (a kind's pools are shared by all its layers, so they
+// can stay in cache from one layer to the next) and writes nothing but its output row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
